@@ -1,0 +1,164 @@
+"""The ``facegender`` command: parse, call the library, print. Everything here is callable from Python."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .io import UserError
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"facegender: warning: {message}\n"
+
+
+def cmd_prepare(args) -> int:
+    from . import data
+
+    preparers = {"utkface": data.prepare_utkface, "celeba": data.prepare_celeba,
+                 "csv": data.prepare_csv, "folder": data.prepare_folder}
+    report = preparers[args.kind](args.src, args.out, seed=args.seed, workers=args.workers)
+    print(report.summary())
+    print(f"manifest: {Path(args.out) / 'manifest.csv'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = {"epochs": args.epochs, "weights": args.weights, "pipeline": args.pipeline,
+                 "precision": args.precision, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                 "max_train_images": args.max_train_images, "device": args.device, "workers": args.workers,
+                 "freeze_backbone": True if args.freeze_backbone else None,
+                 "compile": True if args.compile else None}
+    if args.resume:
+        config = load_config(epochs=args.epochs) if args.epochs else None
+        train(config, [], args.out, resume=True)
+        return 0
+    if not args.data:
+        raise UserError("train: give at least one --data DATASET (a prepared folder, manifest.csv or split folders)")
+    train(load_config(args.config, **overrides), args.data, args.out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out, batch_size=args.batch_size,
+                        device=args.device)
+    return 0
+
+
+def _is_checkpoint(path: str) -> bool:
+    p = Path(path)
+    return p.suffix == ".safetensors" or (p.is_dir() and (p / "best.safetensors").is_file())
+
+
+def cmd_predict(args) -> int:
+    from .inference import Classifier, expand_inputs
+
+    inputs = list(args.inputs)
+    model = args.model
+    if model is None and inputs and _is_checkpoint(inputs[0]):
+        model = inputs.pop(0)
+    if model is None:
+        raise UserError("predict: no model given; pass a run directory or .safetensors file first, or --model PATH")
+    if not inputs:
+        raise UserError("predict: no images given")
+    clf = Classifier.from_checkpoint(model, device=args.device)
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    failures = 0
+    try:
+        writer = None
+        for pred in clf.iter_predict(expand_inputs(inputs), batch_size=args.batch_size):
+            row = pred.to_dict()
+            if pred.error:
+                failures += 1
+                print(f"facegender: warning: {pred.error}", file=sys.stderr)
+            if args.format == "csv":
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+            else:
+                out.write(json.dumps(row) + "\n")
+            out.flush()  # an interrupted run over many files keeps every line it printed
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facegender", description="Train, evaluate and use a face gender classifier.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="index a labelled corpus into a manifest with train/val/test splits",
+                       description="Write OUT/manifest.csv: deduplicated, with identity-safe 4:1:1 splits.")
+    p.add_argument("kind", choices=["utkface", "celeba", "csv", "folder"], help="the corpus's layout")
+    p.add_argument("src", help="utkface/celeba/folder: the image folder; csv: the labels CSV")
+    p.add_argument("out", help="output folder for manifest.csv")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="processes for hashing and checking images")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train with the reference recipe",
+                       description="Train ResNet18 on one or more datasets; writes checkpoints, metrics and plots to --out.")
+    p.add_argument("--data", action="append", default=[], help="prepared dataset folder, manifest.csv or split folders; repeat to combine")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", help="YAML file overriding the reference defaults (e.g. configs/reference.yaml)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--weights", help="imagenet (default), none, or a ResNet18 state-dict file")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the head")
+    p.add_argument("--pipeline", choices=["fast", "reference"], help="fast: cached uint8 + batched augmentation (default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-train-images", type=int, help="use a seeded random subset of the training split")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a dataset split")
+    p.add_argument("checkpoint", help="run directory or .safetensors file")
+    p.add_argument("data", nargs="+", help="dataset(s): prepared folder, manifest.csv or split folders")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="report folder (default: CHECKPOINT_DIR/eval_SPLIT)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label images",
+                       description="Print label, confidence and P(male) per image as JSON lines or CSV.")
+    p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR", help="checkpoint first (run dir or .safetensors), then images or folders")
+    p.add_argument("--model", help="checkpoint, instead of giving it first")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--output", help="write to this file instead of standard output")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"facegender: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facegender: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
