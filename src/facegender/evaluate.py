@@ -5,19 +5,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import checkpoint
 from .data import Sample, load_samples_many
 from .inference import Classifier
 from .loaders import cached_images, fast_batches
-from .metrics import (age_group, classification_metrics, expected_calibration_error, fit_temperature,
-                      format_report, group_metrics, reliability_bins)
+from .metrics import (age_group, apply_temperature, calibration_metrics, classification_metrics, fit_temperature,
+                      format_report, group_metrics)
 from .reports import write_reports
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
 
 
 def sample_groups(samples: list[Sample]) -> dict[str, list[str]]:
@@ -33,15 +28,9 @@ def sample_groups(samples: list[Sample]) -> dict[str, list[str]]:
 def assess(logits: np.ndarray, labels: np.ndarray, samples: list[Sample], threshold: float,
            temperature: float = 1.0) -> dict:
     """Metrics of calibrated predictions, overall, per source and per group, with calibration before/after."""
-    p_raw, p = sigmoid(logits), sigmoid(logits / temperature)
+    p = apply_temperature(logits, temperature)
     metrics = classification_metrics(labels, p, threshold)
-    metrics["calibration"] = {
-        "temperature": temperature,
-        "ece_before": expected_calibration_error(labels, p_raw),
-        "ece_after": expected_calibration_error(labels, p),
-        "bins_before": reliability_bins(labels, p_raw),
-        "bins_after": reliability_bins(labels, p),
-    }
+    metrics["calibration"] = calibration_metrics(logits, labels, temperature)
     groups = sample_groups(samples)
     metrics["groups"] = group_metrics(labels, p, groups, threshold)
     sources = np.array(groups["source"])

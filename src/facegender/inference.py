@@ -11,6 +11,7 @@ from PIL import Image
 
 from . import checkpoint
 from .images import BadImage, load_face
+from .metrics import apply_temperature
 from .model import build_model
 from .runtime import autocast, resolve_device, resolve_precision
 from .transforms import eval_batch
@@ -57,7 +58,7 @@ class Classifier:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated P(male)."""
-        return 1 / (1 + np.exp(-logits / self.temperature))
+        return apply_temperature(logits, self.temperature)
 
     def _decide(self, source: str, p_male: float) -> Prediction:
         male = p_male >= self.threshold

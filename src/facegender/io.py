@@ -14,6 +14,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -28,6 +29,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Open a temporary file for writing; it replaces ``path`` when the block ends without error."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -53,6 +53,7 @@ class Run:
     device: torch.device
     precision: str
     model: nn.Module = None
+    forward: nn.Module = None  # the model, or its torch.compile'd wrapper sharing the same parameters
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau = None
     stopper: EarlyStopping = None
@@ -113,7 +114,10 @@ def new_run(config: TrainConfig, data: list[str], out: Path) -> Run:
     device = resolve_device(config.device)
     run = Run(config, data, out, device, resolve_precision(config.precision, device))
     run.model = build_model(config.weights, config.dropout, config.freeze_backbone)
-    run.model.to(device).to(memory_format=torch.channels_last)
+    run.model.to(device)
+    if config.pipeline == "fast":  # the fast pipeline feeds channels-last batches; the reference one plain NCHW
+        run.model.to(memory_format=torch.channels_last)
+    run.forward = torch.compile(run.model) if config.compile else run.model
     params = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = torch.optim.Adam(params, lr=config.lr)
     run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -178,32 +182,38 @@ class Batches:
         return len(self.splits[split])
 
 
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, scaler) -> tuple[float, int]:
+    """One optimiser step; returns the batch's mean loss and its number of correct predictions."""
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    target = y.float()
+    if run.config.label_smoothing:
+        target = target * (1 - run.config.label_smoothing) + 0.5 * run.config.label_smoothing
+    with autocast(run.device, run.precision):
+        logits = run.forward(x).squeeze(1)
+    loss = loss_fn(logits.float(), target)
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(run.optimizer)
+    scaler.update()
+    return loss.item(), ((logits.detach() > 0).long() == y).sum().item()
+
+
 def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
     run.model.train()
     scaler = grad_scaler(run.device, run.precision)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(total=batches.count("train"), desc=f"epoch {run.epoch + 1}/{run.config.epochs}", unit="img",
-               leave=False, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True, mininterval=1.0)
     for x, y, _ in batches("train", train=True):
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        target = y.float()
-        if run.config.label_smoothing:
-            target = target * (1 - run.config.label_smoothing) + 0.5 * run.config.label_smoothing
-        with autocast(run.device, run.precision):
-            logits = run.model(x).squeeze(1)
-        loss = loss_fn(logits.float(), target)
-        run.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(run.optimizer)
-        scaler.update()
+        loss, right = train_step(run, x, y, loss_fn, scaler)
         n = len(y)
-        total_loss += loss.item() * n
-        correct += ((logits.detach() > 0).long() == y).sum().item()
+        total_loss += loss * n
+        correct += right
         seen += n
-        rate = seen / (time.perf_counter() - start)
         bar.update(n)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", img_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
+                        img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -217,7 +227,7 @@ def predict_split(run: Run, batches: Batches, split: str) -> tuple[np.ndarray, n
     logits, labels, indices = [], [], []
     for x, y, idx in batches(split):
         with autocast(run.device, run.precision):
-            out = run.model(x.to(run.device)).squeeze(1)
+            out = run.forward(x.to(run.device)).squeeze(1)
         logits.append(out.float().cpu())
         labels.append(y)
         indices.append(np.asarray(idx))

@@ -1,0 +1,21 @@
+"""Shared set-up for the benchmarks: real UTKFace images, prepared once into data/utkface."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def utkface_samples(n: int, prepared: Path = ROOT / "data" / "utkface", split: str = "train"):
+    from facegender.data import load_samples, prepare_utkface
+
+    if not (prepared / "manifest.csv").is_file():
+        src = SHARED / "utkface"
+        if not src.is_dir():
+            sys.exit(f"benchmark: no prepared data at {prepared} and no UTKFace at {src}; run `make demo` first")
+        print(f"preparing {src} -> {prepared}", flush=True)
+        prepare_utkface(src, prepared)
+    samples = load_samples(prepared, split)
+    return prepared, samples[:n]

@@ -1,0 +1,65 @@
+"""Training images/s of the reference pipeline and of the default (fast) one, side by side, in one run.
+
+Both train the same ResNet18 on the same N real UTKFace images; each is timed at steady state, after a
+warm-up (DataLoader workers started, caches built, kernels chosen). Usage:
+    python benchmarks/train_throughput.py --images 2000 --seconds 30
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from common import utkface_samples
+from facegender.config import load_config
+from facegender.train import Batches, new_run, train_step
+from facegender.runtime import grad_scaler
+
+
+def measure(pipeline: str, precision: str, samples, seconds: float, warmup_batches: int, compile_: bool = False) -> dict:
+    config = load_config(weights="none", pipeline=pipeline, precision=precision, compile=compile_, epochs=1000)
+    run = new_run(config, [], None)
+    started = time.perf_counter()
+    batches = Batches(run, {"train": samples, "val": samples[:1], "test": samples[:1]})
+    setup = time.perf_counter() - started
+    loss_fn, scaler = nn.BCEWithLogitsLoss(), grad_scaler(run.device, run.precision)
+    run.model.train()
+    seen, step, t0 = 0, 0, None
+    while True:
+        for x, y, _ in batches("train", train=True):
+            train_step(run, x, y, loss_fn, scaler)
+            step += 1
+            if step == warmup_batches:
+                t0 = time.perf_counter()
+            elif step > warmup_batches:
+                seen += len(y)
+                if time.perf_counter() - t0 >= seconds:
+                    rate = seen / (time.perf_counter() - t0)
+                    return {"pipeline": pipeline, "precision": run.precision, "images_per_s": rate,
+                            "setup_s": setup, "compile": compile_}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="real UTKFace training images to cycle through")
+    parser.add_argument("--seconds", type=float, default=30, help="timed seconds per pipeline, after warm-up")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--compile", action="store_true", help="also measure the fast pipeline under torch.compile")
+    args = parser.parse_args()
+    _, samples = utkface_samples(args.images)
+    print(f"{len(samples)} images, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    results = []
+    sides = [("reference", "fp32", False), ("fast", "auto", False)] + ([("fast", "auto", True)] if args.compile else [])
+    for pipeline, precision, compile_ in sides:
+        r = measure(pipeline, precision, samples, args.seconds, args.warmup, compile_)
+        results.append(r)
+        print(f"{pipeline:9s} {r['precision']:4s} compile={compile_!s:5s}  {r['images_per_s']:7.1f} img/s"
+              f"  (set-up {r['setup_s']:.1f} s)", flush=True)
+    ref, fast = results[0]["images_per_s"], max(r["images_per_s"] for r in results[1:])
+    print(f"train speedup: {fast / ref:.2f} x (reference {ref:.0f} img/s, default {fast:.0f} img/s)")
+
+
+if __name__ == "__main__":
+    main()

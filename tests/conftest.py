@@ -1,0 +1,92 @@
+"""Shared fixtures: a synthetic dataset that needs nothing, and small real subsets of ../shared/data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Decoded-image caches of the tests stay out of the user's ~/.cache."""
+    os.environ["FACEGENDER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def shared(name: str) -> Path:
+    folder = SHARED / name
+    if not folder.is_dir():
+        pytest.skip(f"real data not available: {folder} is absent (the corpora live in ../shared/data)")
+    return folder
+
+
+def synthetic_face(label: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A learnable stand-in: a bright disc on the left for one class, on the right for the other, plus noise."""
+    image = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cx = size * (0.3 if label == 0 else 0.7)
+    disc = (xx - cx) ** 2 + (yy - size / 2) ** 2 < (size / 5) ** 2
+    image[disc] = rng.integers(180, 255, 3, dtype=np.uint8)
+    return Image.fromarray(image)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """Split folders (train/val/test x female/male) of generated images."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("validation", 16), ("test", 16)):
+        for label, name in enumerate(("female", "male")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                synthetic_face(label, rng).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_subsets(tmp_path_factory) -> dict[str, Path]:
+    """Small prepared subsets of the three real corpora (links to the images, never copies)."""
+    from facegender.data import prepare_celeba, prepare_csv, prepare_utkface
+
+    utk_src, celeba_src, scut_src = shared("utkface"), shared("celeba"), shared("scut_fbp5500")
+    root = tmp_path_factory.mktemp("real")
+    out = {}
+
+    utk = root / "utkface_src"
+    utk.mkdir()
+    for f in sorted(utk_src.iterdir())[::20]:  # every 20th file: all ages and races, ~1,200 images
+        (utk / f.name).symlink_to(f)
+    prepare_utkface(utk, root / "utkface")
+    out["utkface"] = root / "utkface"
+
+    celeba = root / "celeba_src"
+    (celeba / "img").mkdir(parents=True)
+    names = sorted(p.name for p in (celeba_src / "img").iterdir())[::25]
+    for name in names:
+        (celeba / "img" / name).symlink_to(celeba_src / "img" / name)
+    keep = set(names)
+    attr = (celeba_src / "list_attr_celeba.txt").read_text().splitlines()
+    rows = [line for line in attr[2:] if line.split()[0] in keep]
+    (celeba / "list_attr_celeba.txt").write_text("\n".join([str(len(rows)), attr[1], *rows]) + "\n")
+    ids = [line for line in (celeba_src / "identity_CelebA.txt").read_text().splitlines() if line.split()[0] in keep]
+    (celeba / "identity_CelebA.txt").write_text("\n".join(ids) + "\n")
+    prepare_celeba(celeba, root / "celeba")
+    out["celeba"] = root / "celeba"
+
+    scut = root / "scut_fbp5500"
+    (scut / "img").mkdir(parents=True)
+    lines = (scut_src / "labels.csv").read_text().splitlines()
+    picked = [lines[0]] + lines[1::12]
+    for line in picked[1:]:
+        name = line.split(",")[0]
+        (scut / "img" / name).symlink_to(scut_src / "img" / name)
+    (scut / "labels.csv").write_text("\n".join(picked) + "\n")
+    prepare_csv(scut / "labels.csv", root / "scut")
+    out["scut"] = root / "scut"
+    return out
