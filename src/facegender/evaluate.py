@@ -85,7 +85,7 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     clf = Classifier.from_checkpoint(path, device, precision)
     samples = load_samples_many(data, split)
     started = time.perf_counter()
-    cached = cached_images(samples, clf.size, quiet=True)
+    cached = cached_images(samples, clf.size)
     logits, labels, indices = [], [], []
     for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
         logits.append(clf.logits(images))

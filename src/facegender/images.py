@@ -131,13 +131,16 @@ def load_face(path: str | os.PathLike, box: Box | None = None, size: int = IMAGE
     return np.array(img, dtype=np.uint8)
 
 
+MIN_PARALLEL_ITEMS = 256  # below this, starting the processes (each imports numpy and PIL) costs more than it saves
+
+
 def parallel_map(fn: Callable, items: Sequence, workers: int) -> list:
     """``[fn(x) for x in items]`` over ``workers`` processes (in-process when workers <= 1).
 
     Spawned, not forked: the caller may already hold torch threads, which a fork would copy mid-state.
     ``fn`` must be a module-level function.
     """
-    if workers <= 1 or len(items) < 2:
+    if workers <= 1 or len(items) < MIN_PARALLEL_ITEMS:
         return [fn(x) for x in items]
     workers = min(workers, len(items))
     chunksize = max(1, min(256, len(items) // (workers * 8)))

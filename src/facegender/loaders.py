@@ -52,7 +52,7 @@ class CachedImages:
         return len(self.good)
 
 
-def cached_images(samples: list[Sample], size: int, workers: int = 2, *, quiet: bool = False) -> CachedImages:
+def cached_images(samples: list[Sample], size: int, workers: int = 2) -> CachedImages:
     """Decode and resize ``samples`` once; later calls with the same content read the cache file."""
     key = _content_key(samples, size)
     folder = cache_dir()
@@ -69,8 +69,7 @@ def cached_images(samples: list[Sample], size: int, workers: int = 2, *, quiet: 
         with atomic_open(bad_path, "w") as f:
             json.dump(bad, f)
     for path, reason in bad.items():
-        if not quiet:
-            warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
     good = np.array([i for i, s in enumerate(samples) if s.path not in bad], dtype=np.int64)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     return CachedImages(images, labels, good, bad)
@@ -87,7 +86,7 @@ def fast_batches(data: CachedImages, batch_size: int, shuffle: bool, generator: 
 
 
 class ReferenceDataset(Dataset):
-    """PIL decode and a torchvision transform per image; a file that fails to decode yields None."""
+    """PIL decode and a torchvision transform per image; a file that fails to decode yields (path, reason)."""
 
     def __init__(self, samples: list[Sample], transform):
         self.samples, self.transform = samples, transform
@@ -100,8 +99,7 @@ class ReferenceDataset(Dataset):
         try:
             image = open_rgb(s.path)
         except BadImage as e:
-            warnings.warn(f"skipping {s.path}: {e}", stacklevel=2)
-            return None
+            return s.path, e.reason
         box = getattr(s, "box", None)
         if box:
             image = image.crop(tuple(box))
@@ -109,13 +107,13 @@ class ReferenceDataset(Dataset):
 
 
 def _collate_skipping_bad(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    x = torch.stack([it[0] for it in items])
+    """A batch of the good items, plus {path: reason} of the bad ones (the batch may then be empty)."""
+    bad = dict(it for it in items if len(it) == 2)
+    items = [it for it in items if len(it) == 3]
+    x = torch.stack([it[0] for it in items]) if items else None
     y = torch.tensor([it[1] for it in items], dtype=torch.int64)
     idx = np.array([it[2] for it in items], dtype=np.int64)
-    return x, y, idx
+    return x, y, idx, bad
 
 
 def reference_loader(samples: list[Sample], transform, batch_size: int, shuffle: bool, workers: int,

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class Batches:
         self.run, self.splits = run, splits
         cfg = run.config
         if cfg.pipeline == "fast":
-            self.cached = {name: cached_images(s, cfg.image_size, workers=min(cfg.workers, 2), quiet=True)
+            self.cached = {name: cached_images(s, cfg.image_size, workers=min(cfg.workers, 2))
                            for name, s in splits.items()}
             for c in self.cached.values():
                 run.skipped.update(c.bad)
@@ -167,9 +168,13 @@ class Batches:
     def __call__(self, split: str, train: bool = False):
         cfg = self.run.config
         if cfg.pipeline == "reference":
-            for batch in self.loaders[split]:
-                if batch is not None:
-                    yield batch
+            for x, y, idx, bad in self.loaders[split]:
+                for path, reason in bad.items():
+                    if path not in self.run.skipped:
+                        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+                        self.run.skipped[path] = reason
+                if len(y):
+                    yield x, y, idx
             return
         size = cfg.batch_size if train else 256
         for images, labels, idx in fast_batches(self.cached[split], size, train, self.run.generator):

@@ -1,0 +1,79 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from facegender.cli import main
+
+
+def _cli(*args, timeout=600):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "facegender.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: facegender " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/nonexistent/data", "--out", "{tmp}/run", "--weights", "none"], "/nonexistent/data"),
+    (["train", "--out", "{tmp}/run"], "--data"),
+    (["prepare", "utkface", "/nonexistent/utk", "{tmp}/out"], "/nonexistent/utk"),
+    (["evaluate", "{tmp}/nothing", "{tmp}"], "nothing"),
+    (["predict", "{tmp}/x.jpg"], "no model given"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/missing.pth"], "missing.pth"),
+])
+def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, message):
+    result = _cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("facegender: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(synthetic_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "facegender.cli", "train", "--data", str(synthetic_dataset), "--out", str(run),
+            "--weights", "none", "--epochs", "40", "--batch-size", "16"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "last.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads((run / "last.json").read_text())["epoch"]
+    assert 1 <= done < 40
+    result = _cli("train", "--out", run, "--resume", "--epochs", done + 1)
+    assert result.returncode == 0, result.stderr
+    history = (run / "metrics.csv").read_text().splitlines()
+    assert len(history) == done + 2  # header + every epoch once, none repeated
+    assert json.loads((run / "last.json").read_text())["epoch"] == done + 1
+    assert (run / "metrics.json").is_file()
+
+
+def test_predict_reports_bad_files_and_keeps_going(synthetic_dataset, tmp_path):
+    from facegender.config import load_config
+    from facegender.train import train
+
+    run = tmp_path / "run"
+    train(load_config(weights="none", epochs=1), [str(synthetic_dataset)], run, log=lambda *_: None)
+    good = sorted((synthetic_dataset / "test" / "male").iterdir())[:3]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "pred.csv"
+    result = _cli("predict", run, good[0], bad, *good[1:], "--format", "csv", "--output", out)
+    assert result.returncode == 1 and "notes.jpg" in result.stderr and "Traceback" not in result.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "source,label,confidence,p_male,error" and len(lines) == 5
+    assert "notes.jpg" in lines[2] and lines[2].split(",")[1] == ""
+    folder = _cli("predict", "--model", run, synthetic_dataset / "test")
+    assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 32
