@@ -19,3 +19,18 @@ def utkface_samples(n: int, prepared: Path = ROOT / "data" / "utkface", split: s
         prepare_utkface(src, prepared)
     samples = load_samples(prepared, split)
     return prepared, samples[:n]
+
+
+def matmul_tflops(dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """This machine's dense matrix-multiply rate: the ceiling any convolution network can approach."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12

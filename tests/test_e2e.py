@@ -12,8 +12,9 @@ def test_prepare_train_evaluate_predict_on_real_faces(real_subsets, tmp_path, ca
         args += ["--data", d]
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    for name in ("training_metrics.png", "confusion_matrix.png", "roc_curve.png", "calibration.png", "metrics.csv"):
-        assert (run / name).stat().st_size > 1000, name
+    for name in ("training_metrics.png", "confusion_matrix.png", "roc_curve.png", "calibration.png"):
+        assert (run / name).stat().st_size > 10_000, name
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + three epochs
     # three epochs from random weights on ~1,600 faces: clearly better than chance, far from the final model
     assert metrics["roc_auc"] > 0.6, metrics["roc_auc"]
     assert set(metrics["by_source"]) == {"utkface", "celeba", "scut_fbp5500"}
