@@ -25,7 +25,11 @@ class BadImage(Exception):
 
     def __init__(self, path, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = str(path), reason, detail  # reason: a category reports can count
-        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+        super().__init__(f"{path}: {self.why}")
+
+    @property
+    def why(self) -> str:
+        return self.reason + (f" ({self.detail})" if self.detail else "")
 
     def __reduce__(self):  # so it survives the trip back from a worker process
         return BadImage, (self.path, self.reason, self.detail)
@@ -116,16 +120,20 @@ def _crop(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def load_face(path: str | os.PathLike, box: Box | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The model's view of an image: RGB, cropped to ``box`` (edge-replicated beyond the image), resized.
+    """The model's view of an image file: see ``face_array``."""
+    return face_array(open_rgb(path), box, size, name=path)
 
-    Returns uint8 (size, size, 3). PIL's bilinear resize filters over the whole source footprint when
-    shrinking (antialiased) and is deterministic, so caches, evaluation and prediction see the same pixels.
+
+def face_array(img: Image.Image, box: Box | None = None, size: int = IMAGE_SIZE, name="<image>") -> np.ndarray:
+    """RGB image -> uint8 (size, size, 3): cropped to ``box`` (edge-replicated beyond the image), resized.
+
+    PIL's bilinear resize filters over the whole source footprint when shrinking (antialiased) and is
+    deterministic, so caches, evaluation and prediction see the same pixels.
     """
-    img = open_rgb(path)
     if box is not None:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         if x1 <= x0 or y1 <= y0:
-            raise BadImage(path, "empty crop box", str(tuple(box)))
+            raise BadImage(name, "empty crop box", str(tuple(box)))
         img = _crop(img, (x0, y0, x1, y1))
     img = img.resize((size, size), Image.BILINEAR)
     return np.array(img, dtype=np.uint8)
@@ -154,7 +162,7 @@ def _load_item(job: tuple) -> tuple[np.ndarray | None, str]:
     try:
         return load_face(path, box, size), ""
     except BadImage as e:
-        return None, str(e)
+        return None, e.why
 
 
 def load_faces(

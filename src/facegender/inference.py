@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from . import checkpoint
-from .images import BadImage, load_face
+from .images import BadImage, face_array, load_face
 from .metrics import apply_temperature
 from .model import build_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -94,12 +94,12 @@ class Classifier:
     def _face_array(self, item) -> np.ndarray:
         if isinstance(item, (str, Path)):
             return load_face(item, size=self.size)
-        if isinstance(item, Image.Image):
-            return np.asarray(item.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
-        array = np.asarray(item)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise TypeError(f"expected an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
-        return np.asarray(Image.fromarray(array).resize((self.size, self.size), Image.BILINEAR))
+        if not isinstance(item, Image.Image):
+            array = np.asarray(item)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                raise TypeError(f"expected a path, a PIL image or an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
+            item = Image.fromarray(array)
+        return face_array(item.convert("RGB"), size=self.size)
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:

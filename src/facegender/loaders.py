@@ -99,7 +99,7 @@ class ReferenceDataset(Dataset):
         try:
             image = open_rgb(s.path)
         except BadImage as e:
-            return s.path, e.reason
+            return s.path, e.why
         box = getattr(s, "box", None)
         if box:
             image = image.crop(tuple(box))
