@@ -28,7 +28,7 @@ demo: $(STAMP)
 	  exit 0; fi
 	$(FG) prepare utkface $(SHARED)/utkface data/utkface
 	rm -rf $(DEMO)
-	$(FG) train --data data/utkface --out $(DEMO) --weights none --epochs 3 --max-train-images 4000
+	$(FG) train --data data/utkface --out $(DEMO) --weights none --epochs 2 --max-train-images 3000
 	$(FG) predict $(DEMO) $$(ls -d $(SHARED)/utkface/* | head -n 4)
 
 bench: $(STAMP)

@@ -44,6 +44,7 @@ def assess(logits: np.ndarray, labels: np.ndarray, samples: list[Sample], thresh
 
 def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
     """After training: reload the best epoch, fit the temperature on validation, report on test."""
+    started = time.perf_counter()
     from .train import predict_split, save_best  # training imports this module lazily; no cycle at import
 
     best_path = run.out / "best.safetensors"
@@ -54,12 +55,13 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
     logits, labels, idx = predict_split(run, batches, "test")
     test_samples = [batches.splits["test"][i] for i in idx]
     metrics = assess(logits, labels, test_samples, run.config.threshold, temperature)
-    seconds = sum(row["seconds"] for row in run.history)
+    epochs_seconds = sum(row.get("wall_seconds", row["seconds"]) for row in run.history)
     metrics["run"] = {
         "epochs": run.epoch,
         "best_epoch": best_meta["epoch"],
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(sum(row["seconds"] for row in run.history), 1),
         "prepare_seconds": round(prepare_seconds, 1),
+        "wall_seconds": round(prepare_seconds + epochs_seconds + time.perf_counter() - started, 1),
         "images_per_s": round(float(np.mean([r["images_per_s"] for r in run.history])), 1),
         "precision": run.precision,
         "pipeline": run.config.pipeline,
@@ -68,8 +70,8 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
         "skipped_examples": dict(list(run.skipped.items())[:20]),
     }
     # the shipped checkpoint carries its calibration and its test figures
-    run.epoch = best_meta["epoch"]
-    save_best(run, val_loss=best_meta["val_loss"], val_acc=best_meta["val_acc"], temperature=temperature,
+    save_best(run, epoch=best_meta["epoch"], val_loss=best_meta["val_loss"], val_acc=best_meta["val_acc"],
+              temperature=temperature,
               test_metrics={k: metrics[k] for k in ("accuracy", "roc_auc", "per_class") if k in metrics})
     write_reports(run.out, metrics, run.history)
     log(format_report(metrics))

@@ -281,6 +281,7 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
     prepare_seconds = time.perf_counter() - started
     loss_fn = nn.BCEWithLogitsLoss()
     while run.epoch < run.config.epochs and not run.stopper.should_stop:
+        epoch_start = time.perf_counter()
         stats = train_one_epoch(run, batches, loss_fn)
         logits, labels, _ = predict_split(run, batches, "val")
         val_loss = bce(logits, labels)
@@ -291,7 +292,8 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
         row = {"epoch": run.epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
                "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": round(stats["images_per_s"], 1),
-               "seconds": round(stats["train_seconds"], 1)}
+               "seconds": round(stats["train_seconds"], 1),
+               "wall_seconds": round(time.perf_counter() - epoch_start, 1)}
         run.history.append(row)
         if improved:
             save_best(run, val_loss=val_loss, val_acc=val_acc)
