@@ -12,10 +12,12 @@ import time
 import torch
 from torch import nn
 
-from common import utkface_samples
+from common import matmul_tflops, utkface_samples
 from facegender.config import load_config
 from facegender.train import Batches, new_run, train_step
 from facegender.runtime import grad_scaler
+
+TRAIN_GFLOP = 3.6  # ResNet18 at 128 px, forward + backward, per image
 
 
 def measure(pipeline: str, precision: str, samples, seconds: float, warmup_batches: int, compile_: bool = False) -> dict:
@@ -49,7 +51,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure the fast pipeline under torch.compile")
     args = parser.parse_args()
     _, samples = utkface_samples(args.images)
-    print(f"{len(samples)} images, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    peak = matmul_tflops(torch.bfloat16)
+    print(f"{len(samples)} images, torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 matmul peak "
+          f"{peak:.2f} TFLOP/s = {peak * 1e3 / TRAIN_GFLOP:.0f} img/s training ceiling", flush=True)
     results = []
     sides = [("reference", "fp32", False), ("fast", "auto", False)] + ([("fast", "auto", True)] if args.compile else [])
     for pipeline, precision, compile_ in sides:
