@@ -1,0 +1,118 @@
+"""Face detection on real faces (from ../shared/data) and the canonical crop's geometry."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from facegender.detect import EYE_LINE, Face, FaceDetector, canonical_box, detect_faces
+from facegender.io import UserError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SCUT = SHARED / "scut_fbp5500" / "img"
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector()
+
+
+def portraits(n: int) -> list[Image.Image]:
+    if not SCUT.is_dir():
+        pytest.skip(f"real data not available: {SCUT} is absent (the corpora live in ../shared/data)")
+    paths = sorted(SCUT.glob("*.jpg"))[::400][:n]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def composed(faces: list[Image.Image], places: list[tuple[int, int, int]], size=(640, 480)):
+    canvas = Image.new("RGB", size, (128, 128, 128))
+    for face, (x, y, side) in zip(faces, places):
+        canvas.paste(face.resize((side, side)), (x, y))
+    return canvas
+
+
+def centre_inside(face: Face, place: tuple[int, int, int]) -> bool:
+    x, y, side = place
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    return x < cx < x + side and y < cy < y + side
+
+
+def test_a_portrait_has_one_face_with_both_eyes(detector):
+    image = portraits(1)[0]
+    (face,) = detector.detect(image)
+    x0, y0, x1, y1 = face.box
+    assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+    assert face.score > 0
+    for eye in (face.left_eye, face.right_eye):
+        assert x0 < eye[0] < x1 and y0 < eye[1] < (y0 + y1) / 2  # eyes sit in the upper half of the box
+    assert face.left_eye[0] < face.right_eye[0]
+
+
+def test_every_face_of_a_group_is_found_where_it_was_pasted(detector):
+    places = [(20, 140, 150), (230, 60, 190), (450, 250, 170)]
+    faces = detector.detect(composed(portraits(3), places))
+    assert len(faces) == 3
+    assert all(sum(centre_inside(f, p) for f in faces) == 1 for p in places)
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_a_large_photo_reports_boxes_in_its_own_pixels(detector):
+    place = (2000, 900, 600)
+    (face,) = detector.detect(composed(portraits(1), [place], size=(3200, 2400)))
+    assert centre_inside(face, place)
+    assert face.box[2] - face.box[0] > 200  # unscaled, it would be under 1280/3200 of that
+
+
+def test_a_blank_image_has_no_face(detector):
+    assert detector.detect(Image.new("RGB", (300, 200), (128, 128, 128))) == []
+    assert detector.detect(Image.new("L", (50, 50))) == []
+
+
+def test_detect_faces_pairs_each_face_with_its_canonical_box(detector):
+    image = composed(portraits(2), [(40, 100, 200), (360, 120, 160)])
+    pairs = detect_faces(image, detector)
+    assert [box for _, box in pairs] == [canonical_box(face, image.size) for face, _ in pairs]
+    assert len(pairs) == 2
+
+
+def contains(outer, inner) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+@pytest.mark.parametrize(
+    "face",
+    [
+        Face((50.3, 40.7, 130.2, 120.9), 1.0, (72.5, 65.0), (108.0, 66.5)),
+        Face((50.3, 40.7, 130.2, 120.9), 1.0),  # no landmarks: placed by the box
+        Face((50, 40, 130, 120), 1.0, (88, 60), (92, 60)),  # landmarks collapsed onto each other
+        Face((-10, 5, 60, 75), 0.5, (10, 30), (40, 31)),  # cut by the image's edge
+    ],
+)
+def test_canonical_box_is_a_deterministic_square_holding_the_face(face):
+    box = canonical_box(face, (200, 160))
+    assert all(isinstance(v, int) for v in box)
+    assert box[2] - box[0] == box[3] - box[1] > 0
+    assert contains(box, face.box)
+    assert canonical_box(face, (200, 160)) == box
+
+
+def test_canonical_box_puts_the_eyes_on_the_eye_line():
+    face = Face((60, 60, 140, 140), 1.0, (82, 85), (118, 85))
+    x0, y0, x1, y1 = canonical_box(face, (200, 200))
+    assert (x0 + x1) / 2 == pytest.approx(100, abs=1)
+    assert (85 - y0) / (y1 - y0) == pytest.approx(EYE_LINE, abs=0.02)
+
+
+def test_canonical_crops_of_real_faces_contain_their_boxes(detector):
+    for image in portraits(3):
+        for face, box in detect_faces(image, detector):
+            assert contains(box, face.box)
+
+
+def test_a_missing_dlib_is_a_user_error_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    with pytest.raises(UserError, match="pip install"):
+        FaceDetector().detect(Image.new("RGB", (32, 32)))
