@@ -70,10 +70,28 @@ def test_predict_reports_bad_files_and_keeps_going(synthetic_dataset, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     out = tmp_path / "pred.csv"
-    result = _cli("predict", run, good[0], bad, *good[1:], "--format", "csv", "--output", out)
+    result = _cli("predict", run, good[0], bad, *good[1:], "--format", "csv", "--output", out, "--no-detect")
     assert result.returncode == 1 and "notes.jpg" in result.stderr and "Traceback" not in result.stderr
     lines = out.read_text().splitlines()
-    assert lines[0] == "source,label,confidence,p_male,error" and len(lines) == 5
-    assert "notes.jpg" in lines[2] and lines[2].split(",")[1] == ""
-    folder = _cli("predict", "--model", run, synthetic_dataset / "test")
+    assert lines[0] == "source,faces,face,box,label,confidence,p_male,error" and len(lines) == 5
+    assert "notes.jpg" in lines[2] and lines[2].split(",")[4] == ""
+    folder = _cli("predict", "--model", run, synthetic_dataset / "test", "--no-detect")
     assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 32
+    undetected = json.loads(_cli("predict", run, good[0]).stdout)  # drawn discs are no faces
+    assert undetected["faces"] == 0 and undetected["label"] is None
+
+
+def test_predict_annotates_real_faces(synthetic_dataset, tmp_path):
+    from facegender.config import load_config
+    from facegender.train import train
+    from test_inference import _two_faces
+
+    run = tmp_path / "run"
+    train(load_config(weights="none", epochs=1), [str(synthetic_dataset)], run, log=lambda *_: None)
+    photo = _two_faces(tmp_path)
+    result = _cli("predict", run, photo, "--annotate", tmp_path / "drawn", "--min-confidence", "0.6")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["face"] for r in rows] == [1, 2] and all(len(r["box"]) == 4 for r in rows)
+    assert all(r["label"] in ("female", "male", "uncertain") for r in rows)
+    assert (tmp_path / "drawn" / "two.png").stat().st_size > 10_000

@@ -82,7 +82,8 @@ def test_prepare_utkface(utk_tree, tmp_path):
     by_name = {Path(r["path"]).name: r for r in rows}
     assert len(rows) == report.total == 48 + 2 + 1  # 48 regular, no-race, plain .jpg, one of the same-label pair
     assert Path(rows[0]["path"]).is_absolute()
-    assert list(rows[0]) == ["path", "label", "split", "source", "identity", "age", "race", "sha1"]
+    assert list(rows[0]) == ["path", "label", "split", "source", "identity", "age", "race", "sha1", "box"]
+    assert report.undetected == report.total and all(r["box"] == "" for r in rows)  # drawn squares, no faces
 
     first = by_name["20_0_0_20170100000000000.jpg.chip.jpg"]
     assert (first["label"], first["age"], first["race"], first["source"]) == ("male", "20", "white", "utkface")
@@ -287,9 +288,12 @@ def test_load_samples_from_manifest_and_folder(tmp_path):
 
 
 def test_load_samples_tolerates_extra_columns_and_relative_paths(tmp_path):
-    (tmp_path / "m.csv").write_text("path,label,split,box,age\nimg/a.jpg,male,test,1 2 3 4,31\n")
+    (tmp_path / "m.csv").write_text("path,label,split,box,age,note\nimg/a.jpg,male,test,1 2 3 4,31,x\n")
     [s] = load_samples(tmp_path / "m.csv", "test")
-    assert s == Sample(str(tmp_path / "img" / "a.jpg"), 1, "test", "", age=31)
+    assert s == Sample(str(tmp_path / "img" / "a.jpg"), 1, "test", "", age=31, box=(1, 2, 3, 4))
+    (tmp_path / "bad.csv").write_text("path,label,split,box\nimg/a.jpg,male,test,1 2 x 4\n")
+    with pytest.raises(UserError, match="bad.csv:2: box"):
+        load_samples(tmp_path / "bad.csv", "test")
 
 
 def test_load_samples_from_split_folders(tmp_path):
@@ -327,7 +331,7 @@ def test_load_samples_errors(tmp_path):
 @pytest.mark.skipif(not (REAL_DATA / "utkface").is_dir(), reason=f"real UTKFace not present at {REAL_DATA}/utkface")
 def test_prepare_real_utkface(tmp_path):
     start = time.monotonic()
-    report = prepare_utkface(REAL_DATA / "utkface", tmp_path, workers=2)
+    report = prepare_utkface(REAL_DATA / "utkface", tmp_path, workers=2, detect=False)  # detection: test_e2e
     assert time.monotonic() - start < 60
     reasons = report.dropped_by_reason()
     # README: 40 duplicate groups (82 files) disagree on the label; 12 of the 21 batch files are among them.

@@ -3,8 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from facegender.inference import Classifier, expand_inputs
+from facegender.inference import Classifier, annotate, expand_inputs
 from facegender.model import build_model
+
+from conftest import shared
 
 META = {"classes": ["female", "male"], "preprocessing": {"image_size": 128}, "threshold": 0.5, "temperature": 2.0}
 
@@ -12,7 +14,7 @@ META = {"classes": ["female", "male"], "preprocessing": {"image_size": 128}, "th
 @pytest.fixture(scope="module")
 def clf():
     torch.manual_seed(0)
-    return Classifier(build_model("none"), META, precision="fp32")
+    return Classifier(build_model("none"), META, precision="fp32", detect=False)
 
 
 def test_paths_pil_images_and_arrays_agree(clf, tmp_path):
@@ -50,3 +52,39 @@ def test_folders_expand_to_their_images_in_order(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in expand_inputs([tmp_path])] == ["a.PNG", "b.jpg", "c.jpeg"]
+
+
+def _two_faces(tmp_path):
+    """Two real portraits side by side on a grey canvas, at known places."""
+    faces = sorted((shared("scut_fbp5500") / "img").iterdir())[:2]
+    canvas = Image.new("RGB", (700, 400), (128, 128, 128))
+    canvas.paste(Image.open(faces[0]).convert("RGB").resize((300, 300)), (20, 50))
+    canvas.paste(Image.open(faces[1]).convert("RGB").resize((150, 150)), (450, 125))
+    path = tmp_path / "two.png"
+    canvas.save(path)
+    return path
+
+
+def test_every_detected_face_gets_a_prediction_with_its_box(tmp_path):
+    torch.manual_seed(0)
+    clf = Classifier(build_model("none"), META, precision="fp32", detect=True)
+    path = _two_faces(tmp_path)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (200, 200, 200)).save(blank)
+    preds = clf.predict([path, blank])
+    assert [(p.source, p.faces, p.face) for p in preds] == [(str(path), 2, 1), (str(path), 2, 2), (str(blank), 0, None)]
+    big, small = preds[0].box, preds[1].box
+    assert 20 <= big[0] < big[2] <= 320 and 450 <= small[0] < small[2] <= 600  # largest first, where pasted
+    assert preds[2].label is None and preds[2].error is None  # no face is an answer, not an error
+    drawn = annotate(Image.open(path).convert("RGB"), preds[:2])
+    assert drawn.size == (700, 400) and drawn.tobytes() != Image.open(path).convert("RGB").tobytes()
+
+
+def test_min_confidence_turns_weak_guesses_into_uncertain(tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8)]
+    sure = Classifier(build_model("none"), META, precision="fp32", detect=False)
+    cautious = Classifier(sure.model, META, precision="fp32", detect=False, min_confidence=0.99)
+    for a, b in zip(sure.predict(images), cautious.predict(images)):
+        assert b.label == ("uncertain" if a.confidence < 0.99 else a.label) and b.p_male == a.p_male

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .io import UserError
+from .io import UserError, atomic_path
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -20,7 +20,7 @@ def cmd_prepare(args) -> int:
 
     preparers = {"utkface": data.prepare_utkface, "celeba": data.prepare_celeba,
                  "csv": data.prepare_csv, "folder": data.prepare_folder}
-    report = preparers[args.kind](args.src, args.out, seed=args.seed, workers=args.workers)
+    report = preparers[args.kind](args.src, args.out, seed=args.seed, workers=args.workers, detect=not args.no_detect)
     print(report.summary())
     print(f"manifest: {Path(args.out) / 'manifest.csv'}")
     return 0
@@ -69,7 +69,9 @@ def cmd_predict(args) -> int:
         raise UserError("predict: no model given; pass a run directory or .safetensors file first, or --model PATH")
     if not inputs:
         raise UserError("predict: no images given")
-    clf = Classifier.from_checkpoint(model, device=args.device)
+    clf = Classifier.from_checkpoint(model, device=args.device, detect=not args.no_detect,
+                                     min_confidence=args.min_confidence)
+    annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     failures = 0
     try:
@@ -79,7 +81,10 @@ def cmd_predict(args) -> int:
             if pred.error:
                 failures += 1
                 print(f"facegender: warning: {pred.error}", file=sys.stderr)
+            if annotator:
+                annotator.add(pred)
             if args.format == "csv":
+                row["box"] = "" if pred.box is None else " ".join(f"{v:g}" for v in pred.box)
                 if writer is None:
                     writer = csv.DictWriter(out, fieldnames=list(row))
                     writer.writeheader()
@@ -87,10 +92,47 @@ def cmd_predict(args) -> int:
             else:
                 out.write(json.dumps(row) + "\n")
             out.flush()  # an interrupted run over many files keeps every line it printed
+        if annotator:
+            annotator.flush()
     finally:
         if out is not sys.stdout:
             out.close()
     return 1 if failures else 0
+
+
+class Annotator:
+    """Collects an image's predictions (they arrive in input order) and writes its annotated copy."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.source, self.preds, self.used = folder, None, [], set()
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, pred) -> None:
+        if pred.source != self.source:
+            self.flush()
+            self.source = pred.source
+        self.preds.append(pred)
+
+    def flush(self) -> None:
+        from .images import BadImage, open_rgb
+        from .inference import annotate
+
+        preds, self.preds = self.preds, []
+        if not preds or preds[0].error:
+            return
+        try:
+            image = annotate(open_rgb(preds[0].source), preds)
+        except BadImage:  # it was readable a moment ago; nothing to draw on now
+            return
+        name = Path(preds[0].source)
+        target = self.folder / f"{name.stem}.png"
+        n = 1
+        while target.name in self.used:  # the same file name from different folders
+            n += 1
+            target = self.folder / f"{name.stem}-{n}.png"
+        self.used.add(target.name)
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="PNG")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="utkface/celeba/folder: the image folder; csv: the labels CSV")
     p.add_argument("out", help="output folder for manifest.csv")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="processes for hashing and checking images")
+    p.add_argument("--workers", type=int, default=2, help="processes for hashing, checking and face detection")
+    p.add_argument("--no-detect", action="store_true",
+                   help="do not detect faces: train on whole images (for data that are already face crops)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train with the reference recipe",
@@ -143,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write to this file instead of standard output")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
+    p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import CLASSES
-from .images import BadImage, check_image, parallel_map
+from .images import BadImage, check_image, open_rgb, parallel_map
 from .io import UserError, atomic_open
 
 MANIFEST = "manifest.csv"
 DROPPED = "dropped.csv"
-FIELDS = ("path", "label", "split", "source", "identity", "age", "race", "sha1")
+FIELDS = ("path", "label", "split", "source", "identity", "age", "race", "sha1", "box")
 SPLITS = ("train", "val", "test")
 SPLIT_WEIGHTS = {"train": 4, "val": 1, "test": 1}
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -43,6 +43,7 @@ class Sample:
     age: int | None = None
     race: str = ""
     sha1: str = ""
+    box: tuple[int, int, int, int] | None = None  # the canonical face crop; None = the whole image
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PrepareReport:
     manifest: Path
     counts: dict[str, dict[str, int]]  # split -> class name -> images
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    undetected: int | None = None  # images where no face was found (kept whole); None: detection was off
 
     def dropped_by_reason(self) -> Counter:
         return Counter(reason for _, reason in self.dropped)
@@ -66,13 +68,18 @@ class PrepareReport:
             lines += [f"  {n:>6}  {reason}" for reason, n in self.dropped_by_reason().most_common()]
         else:
             lines.append("dropped 0")
+        if self.undetected is None:
+            lines.append("faces: not detected (--no-detect); whole images are used")
+        else:
+            lines.append(f"faces: found in {self.total - self.undetected}; no face in {self.undetected} "
+                         "(those are used whole)")
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- preparers
 
 
-def prepare_utkface(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
+def prepare_utkface(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
     """UTKFace: labels in names ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``, gender 0 = male, 1 = female."""
     src = _existing_dir(src)
     samples, dropped, distrusted = [], [], {}
@@ -101,10 +108,10 @@ def prepare_utkface(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
                 race=UTK_RACES[int(fields[2])] if fields[2] else "",
             )
         )
-    return _finish(samples, dropped, out, seed, workers, "utkface", distrusted)
+    return _finish(samples, dropped, out, seed, workers, detect, "utkface", distrusted)
 
 
-def prepare_celeba(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
+def prepare_celeba(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
     """CelebA: ``list_attr_celeba.txt`` (gender = the ``Male`` column) and optional ``identity_CelebA.txt``."""
     src = _existing_dir(src).resolve()
     attr_file = src / "list_attr_celeba.txt"
@@ -119,10 +126,10 @@ def prepare_celeba(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
             samples.append(Sample(str(path), int(male), "", "celeba", identities.get(name, "")))
     if not samples:
         raise UserError(f"{image_dir}: none of the files listed in {attr_file.name} are here")
-    return _finish(samples, [], out, seed, workers, "celeba")
+    return _finish(samples, [], out, seed, workers, detect, "celeba")
 
 
-def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 2) -> PrepareReport:
+def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
     """A CSV of file + gender (+ optional identity, age, race); relative paths resolve against
     ``image_root``, else the first of the CSV's folder, its ``img/`` and its ``images/`` that holds them."""
     labels_csv = Path(labels_csv).resolve()
@@ -156,10 +163,10 @@ def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 
                     race=_cell(row, columns.get("race")).lower(),
                 )
             )
-    return _finish(samples, dropped, out, seed, workers, source)
+    return _finish(samples, dropped, out, seed, workers, detect, source)
 
 
-def prepare_folder(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
+def prepare_folder(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
     """A folder of class folders, ``female/`` and ``male/`` (any case), to be split."""
     src = _existing_dir(src).resolve()
     class_dirs = _class_dirs(src)
@@ -170,14 +177,15 @@ def prepare_folder(src, out, seed: int = 0, workers: int = 2) -> PrepareReport:
         for label, folder in class_dirs
         for path in _image_files(folder)
     ]
-    return _finish(samples, [], out, seed, workers, src.name)
+    return _finish(samples, [], out, seed, workers, detect, src.name)
 
 
 # ---------------------------------------------------------------- shared preparation mechanics
 
 
 def _finish(
-    samples: list[Sample], dropped: list, out, seed: int, workers: int, source: str, distrusted: dict | None = None
+    samples: list[Sample], dropped: list, out, seed: int, workers: int, detect: bool, source: str,
+    distrusted: dict | None = None,
 ) -> PrepareReport:
     """Check files, drop doubtful labels, collapse duplicates, split, and write the manifest.
 
@@ -205,13 +213,32 @@ def _finish(
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(r for _, r in dropped).most_common())
         raise UserError(f"{source}: no usable images; all were dropped ({reasons})")
     final = sorted(_assign_splits(kept, seed), key=lambda s: s.path)
+    undetected = None
+    if detect:
+        boxes = parallel_map(_face_box, [s.path for s in final], workers)
+        final = [replace(s, box=box) for s, box in zip(final, boxes)]
+        undetected = sum(box is None for box in boxes)
     out = Path(out)
     write_manifest(final, out / MANIFEST)
     with atomic_open(out / DROPPED, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(("path", "reason"))
         writer.writerows(sorted(dropped))
-    return PrepareReport(source, out / MANIFEST, _counts(final), sorted(dropped))
+    return PrepareReport(source, out / MANIFEST, _counts(final), sorted(dropped), undetected)
+
+
+_DETECTOR = None  # one per process: parallel_map's workers each build their own on first use
+
+
+def _face_box(path: str) -> tuple[int, int, int, int] | None:
+    """The canonical crop of the largest face, or None (train on the whole image) when none is found."""
+    global _DETECTOR
+    from .detect import FaceDetector, detect_faces
+
+    if _DETECTOR is None:
+        _DETECTOR = FaceDetector()
+    found = detect_faces(open_rgb(path), _DETECTOR)
+    return found[0][1] if found else None
 
 
 def _check_file(path: str) -> tuple[str, str]:
@@ -305,7 +332,8 @@ def write_manifest(samples: Iterable[Sample], path) -> None:
         writer.writerow(FIELDS)
         for s in samples:
             age = "" if s.age is None else s.age
-            writer.writerow((s.path, CLASSES[s.label], s.split, s.source, s.identity, age, s.race, s.sha1))
+            box = "" if s.box is None else " ".join(map(str, s.box))
+            writer.writerow((s.path, CLASSES[s.label], s.split, s.source, s.identity, age, s.race, s.sha1, box))
 
 
 # ---------------------------------------------------------------- format readers
@@ -465,9 +493,22 @@ def _read_manifest(path: Path) -> list[Sample]:
                 age=int(age) if age else None,
                 race=row.get("race") or "",
                 sha1=row.get("sha1") or "",
+                box=_parse_box(row.get("box") or "", path, line),
             )
         )
     return samples
+
+
+def _parse_box(text: str, path: Path, line: int) -> tuple[int, int, int, int] | None:
+    if not text.strip():
+        return None
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split())
+    except ValueError:
+        raise UserError(f"{path}:{line}: box {text!r} is not four whole numbers 'x0 y0 x1 y1'") from None
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"{path}:{line}: box {text!r} is empty (x1 <= x0 or y1 <= y0)")
+    return x0, y0, x1, y1
 
 
 def _split_dir(root: Path, split: str) -> Path | None:

@@ -84,7 +84,7 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "auto", log=print) -> dict:
     """``facegender evaluate``: metrics of a checkpoint on one split of one or more datasets."""
-    clf = Classifier.from_checkpoint(path, device, precision)
+    clf = Classifier.from_checkpoint(path, device, precision, detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
     cached = cached_images(samples, clf.size)

@@ -1,16 +1,18 @@
 """Using a trained model: ``Classifier.from_checkpoint(path).predict(images)``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .images import BadImage, face_array, load_face
+from .detect import FaceDetector, detect_faces
+from .images import BadImage, face_array, open_rgb
+from .io import UserError
 from .metrics import apply_temperature
 from .model import build_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -21,9 +23,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 @dataclass
 class Prediction:
+    """One face of one image (or one whole image with detection off, or one image without a face)."""
+
     source: str
-    label: str | None
-    confidence: float | None  # the (calibrated) probability of the predicted class
+    faces: int | None  # faces found in the image; None when detection is off
+    face: int | None  # 1-based index of this face, largest first
+    box: tuple[float, float, float, float] | None  # the detector's box in the image's pixels
+    label: str | None  # female, male, uncertain (below --min-confidence), or None: no face or an error
+    confidence: float | None  # the calibrated probability of the predicted class
     p_male: float | None
     error: str | None = None
 
@@ -32,7 +39,10 @@ class Prediction:
 
 
 class Classifier:
-    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "auto", precision: str = "auto"):
+    """A trained model with its preprocessing, threshold and temperature, and optionally a face detector."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "auto", precision: str = "auto",
+                 detect: bool = True, min_confidence: float = 0.0):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
@@ -41,17 +51,21 @@ class Classifier:
         self.size = int(meta["preprocessing"]["image_size"])
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta.get("temperature", 1.0))
+        self.detector = FaceDetector() if detect else None
+        if not 0 <= min_confidence <= 1:
+            raise UserError(f"--min-confidence {min_confidence}: must be between 0 and 1")
+        self.min_confidence = min_confidence
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Classifier":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", **options) -> "Classifier":
         tensors, meta = checkpoint.load(checkpoint.resolve(path))
         model = build_model("none", meta["config"]["dropout"])
         model.load_state_dict({k: v.float() for k, v in checkpoint.model_state(tensors).items()})
-        return cls(model, meta, device, precision)
+        return cls(model, meta, device, precision, **options)
 
     @torch.no_grad()
     def logits(self, batch_uint8: torch.Tensor) -> np.ndarray:
-        """Raw logits for an N x H x W x 3 uint8 batch made by ``images.load_face``."""
+        """Raw logits for an N x H x W x 3 uint8 batch made by ``images.face_array``."""
         with autocast(self.device, self.precision):
             out = self.model(eval_batch(batch_uint8.to(self.device))).squeeze(1)
         return out.float().cpu().numpy()
@@ -60,46 +74,88 @@ class Classifier:
         """Calibrated P(male)."""
         return apply_temperature(logits, self.temperature)
 
-    def _decide(self, source: str, p_male: float) -> Prediction:
+    def _decide(self, stub: Prediction, p_male: float) -> Prediction:
         male = p_male >= self.threshold
-        return Prediction(source, self.classes[int(male)], p_male if male else 1 - p_male, p_male)
+        confidence = p_male if male else 1 - p_male
+        label = self.classes[int(male)] if confidence >= self.min_confidence else "uncertain"
+        return replace(stub, label=label, confidence=confidence, p_male=p_male)
 
     def predict(self, images: Iterable, batch_size: int = 64) -> list[Prediction]:
-        """Paths, PIL images or H x W x 3 uint8 arrays in, one Prediction each out (in order)."""
+        """Paths, PIL images or H x W x 3 uint8 arrays in; one Prediction per face (in order) out."""
         return list(self.iter_predict(images, batch_size))
 
     def iter_predict(self, images: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
-        batch: list[tuple[str, np.ndarray]] = []
+        """Like ``predict``, streaming: at most ``batch_size`` faces are held at a time."""
+        batch: list[tuple[Prediction, np.ndarray]] = []
         for i, item in enumerate(images):
             name = str(item) if isinstance(item, (str, Path)) else f"<image {i}>"
             try:
-                batch.append((name, self._face_array(item)))
+                crops = list(self._crops(name, item))
             except BadImage as e:
-                yield from self._flush(batch)
-                batch = []
-                yield Prediction(name, None, None, None, error=str(e))
-                continue
-            if len(batch) == batch_size:
-                yield from self._flush(batch)
-                batch = []
+                crops = [(Prediction(name, None, None, None, None, None, None, error=str(e)), None)]
+            for stub, array in crops:
+                if array is None:  # nothing to classify: keep the output in input order
+                    yield from self._flush(batch)
+                    batch = []
+                    yield stub
+                    continue
+                batch.append((stub, array))
+                if len(batch) == batch_size:
+                    yield from self._flush(batch)
+                    batch = []
         yield from self._flush(batch)
 
-    def _flush(self, batch: list[tuple[str, np.ndarray]]) -> Iterator[Prediction]:
+    def _crops(self, name: str, item) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+        image = self._image(item)
+        if self.detector is None:
+            yield Prediction(name, None, None, None, None, None, None), face_array(image, None, self.size)
+            return
+        found = detect_faces(image, self.detector)
+        if not found:
+            yield Prediction(name, 0, None, None, None, None, None), None
+        for k, (face, box) in enumerate(found, start=1):
+            stub = Prediction(name, len(found), k, tuple(round(v, 1) for v in face.box), None, None, None)
+            yield stub, face_array(image, box, self.size)
+
+    def _flush(self, batch: list[tuple[Prediction, np.ndarray]]) -> Iterator[Prediction]:
         if not batch:
             return
         arrays = torch.from_numpy(np.stack([a for _, a in batch]))
-        for (name, _), p in zip(batch, self.probabilities(self.logits(arrays))):
-            yield self._decide(name, float(p))
+        for (stub, _), p in zip(batch, self.probabilities(self.logits(arrays))):
+            yield self._decide(stub, float(p))
 
-    def _face_array(self, item) -> np.ndarray:
+    @staticmethod
+    def _image(item) -> Image.Image:
         if isinstance(item, (str, Path)):
-            return load_face(item, size=self.size)
-        if not isinstance(item, Image.Image):
-            array = np.asarray(item)
-            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise TypeError(f"expected a path, a PIL image or an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
-            item = Image.fromarray(array)
-        return face_array(item.convert("RGB"), size=self.size)
+            return open_rgb(item)
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        array = np.asarray(item)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise TypeError(f"expected a path, a PIL image or an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
+        return Image.fromarray(array)
+
+
+LABEL_COLOURS = {"female": (230, 60, 140), "male": (40, 120, 230), "uncertain": (240, 180, 0)}
+
+
+def annotate(image: Image.Image, predictions: list[Prediction]) -> Image.Image:
+    """A copy of ``image`` with each face's box and "label confidence" drawn on it."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    line = max(2, round(max(out.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(out.size) / 40)))
+    for p in predictions:
+        if p.box is None or p.label is None:
+            continue
+        colour = LABEL_COLOURS.get(p.label, (255, 255, 255))
+        draw.rectangle(p.box, outline=colour, width=line)
+        text = f"{p.label} {p.confidence:.2f}"
+        x0, y0, x1, y1 = draw.textbbox((p.box[0], p.box[1]), text, font=font)
+        top = p.box[1] - (y1 - y0) - 2 * line if p.box[1] - (y1 - y0) - 2 * line >= 0 else p.box[3]
+        draw.rectangle((x0, top, x1 + 2 * line, top + (y1 - y0) + 2 * line), fill=colour)
+        draw.text((x0 + line, top + line - (y0 - p.box[1])), text, fill=(255, 255, 255), font=font)
+    return out
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Sample
-from .images import BadImage, load_faces, open_rgb
+from .images import BadImage, face_array, load_faces, open_rgb
 from .io import atomic_open
 
 CACHE_VERSION = 1
@@ -37,7 +38,7 @@ def _content_key(samples: list[Sample], size: int) -> str:
         else:  # layouts without a manifest carry no hash: the file's path, size and time stand in
             st = os.stat(s.path)
             h.update(f"{s.path}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(repr(getattr(s, "box", None)).encode())
+        h.update(repr(s.box).encode())
     return h.hexdigest()[:20]
 
 
@@ -61,7 +62,7 @@ def cached_images(samples: list[Sample], size: int, workers: int = 2) -> CachedI
         images = np.load(array_path)
         bad = json.loads(bad_path.read_text())
     else:
-        items = [(s.path, getattr(s, "box", None)) for s in samples]
+        items = [(s.path, s.box) for s in samples]
         images, bad_list = load_faces(items, size, workers)
         bad = {samples[i].path: reason for i, reason in bad_list}
         with atomic_open(array_path, "wb") as f:
@@ -88,8 +89,8 @@ def fast_batches(data: CachedImages, batch_size: int, shuffle: bool, generator: 
 class ReferenceDataset(Dataset):
     """PIL decode and a torchvision transform per image; a file that fails to decode yields (path, reason)."""
 
-    def __init__(self, samples: list[Sample], transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[Sample], transform, size: int):
+        self.samples, self.transform, self.size = samples, transform, size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,9 +101,8 @@ class ReferenceDataset(Dataset):
             image = open_rgb(s.path)
         except BadImage as e:
             return s.path, e.why
-        box = getattr(s, "box", None)
-        if box:
-            image = image.crop(tuple(box))
+        if s.box:  # the same crop as everywhere else; the transform's resize then keeps the size
+            image = Image.fromarray(face_array(image, s.box, self.size))
         return self.transform(image), s.label, i
 
 
@@ -116,8 +116,8 @@ def _collate_skipping_bad(items):
     return x, y, idx, bad
 
 
-def reference_loader(samples: list[Sample], transform, batch_size: int, shuffle: bool, workers: int,
+def reference_loader(samples: list[Sample], transform, size: int, batch_size: int, shuffle: bool, workers: int,
                      generator: torch.Generator | None = None) -> DataLoader:
-    return DataLoader(ReferenceDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,
+    return DataLoader(ReferenceDataset(samples, transform, size), batch_size=batch_size, shuffle=shuffle,
                       num_workers=workers, collate_fn=_collate_skipping_bad, generator=generator,
                       persistent_workers=workers > 0)

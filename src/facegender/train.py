@@ -159,9 +159,9 @@ class Batches:
                 run.skipped.update(c.bad)
         else:
             self.loaders = {
-                "train": reference_loader(splits["train"], reference_train_transform(cfg), cfg.batch_size,
+                "train": reference_loader(splits["train"], reference_train_transform(cfg), cfg.image_size, cfg.batch_size,
                                           True, cfg.workers, run.generator),
-                **{name: reference_loader(splits[name], reference_eval_transform(cfg), cfg.batch_size,
+                **{name: reference_loader(splits[name], reference_eval_transform(cfg), cfg.image_size, cfg.batch_size,
                                           False, cfg.workers) for name in ("val", "test")},
             }
 
