@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,15 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
             f.write("half")
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import torch
+
+    from facegender import checkpoint
+
+    checkpoint.save(tmp_path / "best.safetensors", {"w": torch.zeros(2)}, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("best.safetensors", "best.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
