@@ -26,12 +26,12 @@ class Prediction:
     """One face of one image (or one whole image with detection off, or one image without a face)."""
 
     source: str
-    faces: int | None  # faces found in the image; None when detection is off
-    face: int | None  # 1-based index of this face, largest first
-    box: tuple[float, float, float, float] | None  # the detector's box in the image's pixels
-    label: str | None  # female, male, uncertain (below --min-confidence), or None: no face or an error
-    confidence: float | None  # the calibrated probability of the predicted class
-    p_male: float | None
+    faces: int | None = None  # faces found in the image; None when detection is off
+    face: int | None = None  # 1-based index of this face, largest first
+    box: tuple[float, float, float, float] | None = None  # the detector's box in the image's pixels
+    label: str | None = None  # female, male, uncertain (below --min-confidence), or None: no face or an error
+    confidence: float | None = None  # the calibrated probability of the predicted class
+    p_male: float | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -92,7 +92,7 @@ class Classifier:
             try:
                 crops = list(self._crops(name, item))
             except BadImage as e:
-                crops = [(Prediction(name, None, None, None, None, None, None, error=str(e)), None)]
+                crops = [(Prediction(name, error=str(e)), None)]
             for stub, array in crops:
                 if array is None:  # nothing to classify: keep the output in input order
                     yield from self._flush(batch)
@@ -108,13 +108,13 @@ class Classifier:
     def _crops(self, name: str, item) -> Iterator[tuple[Prediction, np.ndarray | None]]:
         image = self._image(item)
         if self.detector is None:
-            yield Prediction(name, None, None, None, None, None, None), face_array(image, None, self.size)
+            yield Prediction(name), face_array(image, None, self.size)
             return
         found = detect_faces(image, self.detector)
         if not found:
-            yield Prediction(name, 0, None, None, None, None, None), None
+            yield Prediction(name, faces=0), None
         for k, (face, box) in enumerate(found, start=1):
-            stub = Prediction(name, len(found), k, tuple(round(v, 1) for v in face.box), None, None, None)
+            stub = Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box))
             yield stub, face_array(image, box, self.size)
 
     def _flush(self, batch: list[tuple[Prediction, np.ndarray]]) -> Iterator[Prediction]:
@@ -152,8 +152,9 @@ def annotate(image: Image.Image, predictions: list[Prediction]) -> Image.Image:
         draw.rectangle(p.box, outline=colour, width=line)
         text = f"{p.label} {p.confidence:.2f}"
         x0, y0, x1, y1 = draw.textbbox((p.box[0], p.box[1]), text, font=font)
-        top = p.box[1] - (y1 - y0) - 2 * line if p.box[1] - (y1 - y0) - 2 * line >= 0 else p.box[3]
-        draw.rectangle((x0, top, x1 + 2 * line, top + (y1 - y0) + 2 * line), fill=colour)
+        height = (y1 - y0) + 2 * line
+        top = p.box[1] - height if p.box[1] >= height else p.box[3]  # above the box, or below at the top edge
+        draw.rectangle((x0, top, x1 + 2 * line, top + height), fill=colour)
         draw.text((x0 + line, top + line - (y0 - p.box[1])), text, fill=(255, 255, 255), font=font)
     return out
 

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class Batches:
         self.run, self.splits = run, splits
         cfg = run.config
         if cfg.pipeline == "fast":
-            self.cached = {name: cached_images(s, cfg.image_size, workers=min(cfg.workers, 2))
+            self.cached = {name: cached_images(s, cfg.image_size, workers=min(cfg.workers, os.cpu_count() or 1))
                            for name, s in splits.items()}
             for c in self.cached.values():
                 run.skipped.update(c.bad)
