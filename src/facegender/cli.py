@@ -53,6 +53,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    export_model(args.checkpoint, args.out, dtype=args.dtype, check=args.check, tolerance=args.tolerance)
+    return 0
+
+
 def _is_checkpoint(path: str) -> bool:
     p = Path(path)
     return p.suffix == ".safetensors" or (p.is_dir() and (p / "best.safetensors").is_file())
@@ -192,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
     p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",
+                       description="Write the weights and metadata of a checkpoint without its training state.")
+    p.add_argument("checkpoint", help="run directory or .safetensors file")
+    p.add_argument("out", help="the .safetensors file to write (its metadata is also written beside it as .json)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--check", nargs="+", metavar="DATA",
+                   help="prepared datasets: keep float16 only if it changes no test-split P(male) by more than --tolerance")
+    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

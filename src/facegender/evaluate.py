@@ -37,9 +37,21 @@ def assess(logits: np.ndarray, labels: np.ndarray, samples: list[Sample], thresh
     if len(set(sources)) > 1:
         metrics["by_source"] = {
             src: classification_metrics(labels[sources == src], p[sources == src], threshold)
+            | {"calibration": calibration_metrics(logits[sources == src], labels[sources == src], temperature)}
             for src in sorted(set(sources))
         }
     return metrics
+
+
+def checkpoint_summary(metrics: dict) -> dict:
+    """The test figures a shipped checkpoint carries: overall, per source, and its calibration."""
+    def brief(m: dict) -> dict:
+        out = {k: m[k] for k in ("count", "accuracy", "roc_auc", "per_class") if k in m}
+        if "calibration" in m:
+            out["calibration"] = {k: m["calibration"][k] for k in ("temperature", "ece_before", "ece_after")}
+        return out
+
+    return brief(metrics) | {"by_source": {src: brief(m) for src, m in metrics.get("by_source", {}).items()}}
 
 
 def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
@@ -72,7 +84,7 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
     # the shipped checkpoint carries its calibration and its test figures
     save_best(run, epoch=best_meta["epoch"], val_loss=best_meta["val_loss"], val_acc=best_meta["val_acc"],
               temperature=temperature,
-              test_metrics={k: metrics[k] for k in ("accuracy", "roc_auc", "per_class") if k in metrics})
+              test_metrics=checkpoint_summary(metrics))
     write_reports(run.out, metrics, run.history)
     log(format_report(metrics))
     if run.skipped:

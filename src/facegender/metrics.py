@@ -260,12 +260,14 @@ def format_report(metrics: dict) -> str:
     if by_source:
         w = max(len(v) for v in by_source) + 2
         lines += ["", f"{'source':<{w}}{'images':>8}{'accuracy':>10}{'AUC':>8}"
-                  + "".join(f"{f'{m}({c[0]})':>8}" for c in CLASSES for m in ("P", "R", "F1"))]
+                  + "".join(f"{f'{m}({c[0]})':>8}" for c in CLASSES for m in ("P", "R", "F1")) + f"{'ECE':>8}{'ECE(T)':>8}"]
         for source, m in by_source.items():
             row = f"{source:<{w}}{m['count']:>8d}{m['accuracy'] * 100:>9.2f}%{_fmt(m.get('roc_auc')):>8}"
             row += "".join(f"{m['per_class'][c][k]:>8.3f}" for c in CLASSES for k in ("precision", "recall", "f1"))
+            cal = m.get("calibration") or {}
+            row += f"{_fmt(cal.get('ece_before')):>8}{_fmt(cal.get('ece_after')):>8}"
             lines.append(row)
-        lines.append("(P, R, F1: precision, recall and F1 of (f)emale and (m)ale)")
+        lines.append("(P, R, F1: precision, recall and F1 of (f)emale and (m)ale; ECE before and after the temperature)")
 
     for grouping, section in (metrics.get("groups") or {}).items():
         table = section["groups"]
