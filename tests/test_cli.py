@@ -17,7 +17,7 @@ def _cli(*args, timeout=600):
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "export"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -29,7 +29,8 @@ def test_every_subcommand_has_help(command, capsys):
     (["train", "--out", "{tmp}/run"], "--data"),
     (["prepare", "utkface", "/nonexistent/utk", "{tmp}/out"], "/nonexistent/utk"),
     (["evaluate", "{tmp}/nothing", "{tmp}"], "nothing"),
-    (["predict", "{tmp}/x.jpg"], "no model given"),
+    (["predict", "--model", "{tmp}/gone.safetensors", "{tmp}/x.jpg"], "gone.safetensors"),
+    (["export", "{tmp}/nothing", "{tmp}/m.safetensors"], "nothing"),
     (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/missing.pth"], "missing.pth"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, message):
@@ -56,6 +57,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(synthetic_dataset, tmp
     assert result.returncode == 0, result.stderr
     history = (run / "metrics.csv").read_text().splitlines()
     assert len(history) == done + 2  # header + every epoch once, none repeated
+    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,images_per_s,seconds,wall_seconds"
     assert json.loads((run / "last.json").read_text())["epoch"] == done + 1
     assert (run / "metrics.json").is_file()
 

@@ -255,7 +255,8 @@ def load_splits(data: list[str], config: TrainConfig) -> dict[str, list[Sample]]
 
 def write_history(run: Run) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(run.history[0]))
+    # the newest row has the columns in training order; rows restored by --resume come back key-sorted
+    writer = csv.DictWriter(buf, fieldnames=list(run.history[-1]))
     writer.writeheader()
     writer.writerows(run.history)
     write_text(run.out / "metrics.csv", buf.getvalue())
