@@ -6,8 +6,9 @@ FG := $(VENV)/bin/facegender
 STAMP := $(VENV)/.installed
 SHARED ?= ../shared/data
 DEMO := runs/demo
+TRAIN_DEMO := runs/train-demo
 
-.PHONY: demo test setup clean bench
+.PHONY: demo train-demo test setup clean bench
 
 setup: $(STAMP)
 
@@ -20,16 +21,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# A short real training and evaluation on a subset of UTKFace (the bundled model comes in a later release).
+# The bundled model on a real photo: scikit-image's public-domain "astronaut" (NASA portrait of Eileen Collins).
+ASTRONAUT = $$($(PY) -c 'import pathlib, skimage.data; print(pathlib.Path(skimage.data.__file__).parent / "astronaut.png")')
+
 demo: $(STAMP)
+	$(FG) predict $(ASTRONAUT) --annotate $(DEMO)
+	@echo "annotated copy: $(DEMO)/astronaut.png"
+
+# A short real training, evaluation and prediction on a subset of UTKFace.
+train-demo: $(STAMP)
 	@if [ ! -d "$(SHARED)/utkface" ]; then \
-	  echo "No UTKFace at $(SHARED)/utkface. Point the demo at it with: make demo SHARED=/path/to/data"; \
+	  echo "No UTKFace at $(SHARED)/utkface. Point it at the data with: make train-demo SHARED=/path/to/data"; \
 	  echo "or prepare your own data: $(FG) prepare folder SRC OUT && $(FG) train --data OUT --out runs/mine --weights none"; \
 	  exit 0; fi
 	$(FG) prepare utkface $(SHARED)/utkface data/utkface
-	rm -rf $(DEMO)
-	$(FG) train --data data/utkface --out $(DEMO) --weights none --epochs 2 --max-train-images 3000
-	$(FG) predict $(DEMO) $$(ls -d $(SHARED)/utkface/* | head -n 4)
+	rm -rf $(TRAIN_DEMO)
+	$(FG) train --data data/utkface --out $(TRAIN_DEMO) --weights none --epochs 2 --max-train-images 3000
+	$(FG) predict $(TRAIN_DEMO) $$(ls -d $(SHARED)/utkface/* | head -n 4)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

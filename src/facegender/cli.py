@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .io import UserError, atomic_path
 
 
@@ -72,8 +74,6 @@ def cmd_predict(args) -> int:
     model = args.model
     if model is None and inputs and _is_checkpoint(inputs[0]):
         model = inputs.pop(0)
-    if model is None:
-        raise UserError("predict: no model given; pass a run directory or .safetensors file first, or --model PATH")
     if not inputs:
         raise UserError("predict: no images given")
     clf = Classifier.from_checkpoint(model, device=args.device, detect=not args.no_detect,
@@ -83,11 +83,15 @@ def cmd_predict(args) -> int:
     failures = 0
     try:
         writer = None
-        for pred in clf.iter_predict(expand_inputs(inputs), batch_size=args.batch_size):
+        files = list(expand_inputs(inputs))
+        # a bar for runs worth watching, on a terminal (tqdm's None) that the rows are not printed to
+        watch = len(files) >= 10 and (args.output or not sys.stdout.isatty())
+        progress = tqdm(files, desc="predict", unit="file", disable=None if watch else True)
+        for pred in clf.iter_predict(progress, batch_size=args.batch_size):
             row = pred.to_dict()
             if pred.error:
                 failures += 1
-                print(f"facegender: warning: {pred.error}", file=sys.stderr)
+                tqdm.write(f"facegender: warning: {pred.error}", file=sys.stderr)
             if annotator:
                 annotator.add(pred)
             if args.format == "csv":
@@ -101,6 +105,7 @@ def cmd_predict(args) -> int:
             out.flush()  # an interrupted run over many files keeps every line it printed
         if annotator:
             annotator.flush()
+        progress.close()
     finally:
         if out is not sys.stdout:
             out.close()
@@ -188,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label images",
                        description="Print label, confidence and P(male) per image as JSON lines or CSV.")
-    p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR", help="checkpoint first (run dir or .safetensors), then images or folders")
-    p.add_argument("--model", help="checkpoint, instead of giving it first")
+    p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
+                   help="optionally a checkpoint first (run dir or .safetensors), then images or folders")
+    p.add_argument("--model", help="checkpoint, instead of giving it first (default: the bundled model)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", help="write to this file instead of standard output")
     p.add_argument("--batch-size", type=int, default=64)

@@ -18,6 +18,8 @@ from .model import build_model
 from .runtime import autocast, resolve_device, resolve_precision
 from .transforms import eval_batch
 
+# the model trained on all three corpora that ships with the package (see MODEL_CARD.md)
+BUNDLED_MODEL = Path(__file__).parent / "weights" / "facegender-resnet18.safetensors"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
@@ -57,8 +59,10 @@ class Classifier:
         self.min_confidence = min_confidence
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", **options) -> "Classifier":
-        tensors, meta = checkpoint.load(checkpoint.resolve(path))
+    def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
+                        **options) -> "Classifier":
+        """A run directory or .safetensors file; None means the bundled model."""
+        tensors, meta = checkpoint.load(bundled_model() if path is None else checkpoint.resolve(path))
         model = build_model("none", meta["config"]["dropout"])
         model.load_state_dict({k: v.float() for k, v in checkpoint.model_state(tensors).items()})
         return cls(model, meta, device, precision, **options)
@@ -134,6 +138,13 @@ class Classifier:
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise TypeError(f"expected a path, a PIL image or an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
         return Image.fromarray(array)
+
+
+def bundled_model() -> Path:
+    if not BUNDLED_MODEL.is_file():
+        raise UserError(f"the bundled model {BUNDLED_MODEL} is missing from this install; "
+                        "reinstall facegender, or pass a checkpoint (a run directory or .safetensors file)")
+    return BUNDLED_MODEL
 
 
 LABEL_COLOURS = {"female": (230, 60, 140), "male": (40, 120, 230), "uncertain": (240, 180, 0)}
