@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from facegender.data import load_samples_many
+from facegender.evaluate import cached_logits
 from facegender.inference import Classifier
-from facegender.loaders import cached_images, fast_batches
+from facegender.loaders import cached_images
 
 CELEBA_LOOSE_FROM = 182638
 
@@ -32,13 +33,9 @@ def named(text: str) -> tuple[str, str]:
 
 def accuracies(clf: Classifier, data: list[str]) -> dict[str, tuple[float, int]]:
     samples = load_samples_many(data, "test")
-    cached = cached_images(samples, clf.size)
-    correct, kept = [], []
-    for images, labels, idx in fast_batches(cached, 256, shuffle=False):
-        pred = clf.probabilities(clf.logits(images)) >= clf.threshold
-        correct.append(pred == labels.numpy().astype(bool))
-        kept.append(idx)
-    correct, kept = np.concatenate(correct), [samples[i] for i in np.concatenate(kept)]
+    logits, labels, indices = cached_logits(clf, cached_images(samples, clf.size))
+    correct = (clf.probabilities(logits) >= clf.threshold) == labels.astype(bool)
+    kept = [samples[i] for i in indices]
     subsets = {"all": [True] * len(kept)}
     for source in sorted({s.source for s in kept}):
         subsets[source] = [s.source == source for s in kept]

@@ -93,6 +93,16 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
     return metrics
 
 
+def cached_logits(clf: Classifier, cached, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, labels and sample indices of every readable image of a ``loaders.cached_images`` set."""
+    logits, labels, indices = [], [], []
+    for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
+        logits.append(clf.logits(images))
+        labels.append(y.numpy())
+        indices.append(idx)
+    return np.concatenate(logits), np.concatenate(labels), np.concatenate(indices)
+
+
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "auto", log=print) -> dict:
     """``facegender evaluate``: metrics of a checkpoint on one split of one or more datasets."""
@@ -100,12 +110,7 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     samples = load_samples_many(data, split)
     started = time.perf_counter()
     cached = cached_images(samples, clf.size)
-    logits, labels, indices = [], [], []
-    for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
-        logits.append(clf.logits(images))
-        labels.append(y.numpy())
-        indices.append(idx)
-    logits, labels, indices = np.concatenate(logits), np.concatenate(labels), np.concatenate(indices)
+    logits, labels, indices = cached_logits(clf, cached, batch_size)
     metrics = assess(logits, labels, [samples[i] for i in indices], clf.threshold, clf.temperature)
     metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "split": split, "data": [str(d) for d in data],
                       "seconds": round(time.perf_counter() - started, 1), "skipped_files": len(cached.bad),

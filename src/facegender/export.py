@@ -8,20 +8,17 @@ import torch
 
 from . import checkpoint
 from .data import load_samples_many
+from .evaluate import cached_logits
 from .inference import Classifier
-from .loaders import cached_images, fast_batches
-from .model import build_model
+from .loaders import cached_images
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def probabilities(tensors: dict[str, torch.Tensor], meta: dict, cached, batch_size: int = 256) -> np.ndarray:
+def probabilities(state: dict[str, torch.Tensor], meta: dict, cached) -> np.ndarray:
     """Calibrated P(male) for every cached image, computed in fp32 so only the stored weights differ."""
-    model = build_model("none", meta["config"]["dropout"])
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    clf = Classifier(model, meta, device="cpu", precision="fp32", detect=False)
-    out = [clf.probabilities(clf.logits(images)) for images, _, _ in fast_batches(cached, batch_size, shuffle=False)]
-    return np.concatenate(out)
+    clf = Classifier.from_state(state, meta, device="cpu", precision="fp32", detect=False)
+    return clf.probabilities(cached_logits(clf, cached)[0])
 
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "float16", check: list[str] | None = None,

@@ -63,8 +63,14 @@ class Classifier:
                         **options) -> "Classifier":
         """A run directory or .safetensors file; None means the bundled model."""
         tensors, meta = checkpoint.load(bundled_model() if path is None else checkpoint.resolve(path))
+        return cls.from_state(checkpoint.model_state(tensors), meta, device, precision, **options)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
+                   **options) -> "Classifier":
+        """Model weights (any float dtype; computed in float32 or the chosen precision) and their metadata."""
         model = build_model("none", meta["config"]["dropout"])
-        model.load_state_dict({k: v.float() for k, v in checkpoint.model_state(tensors).items()})
+        model.load_state_dict({k: v.float() for k, v in state.items()})
         return cls(model, meta, device, precision, **options)
 
     @torch.no_grad()
