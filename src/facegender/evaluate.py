@@ -10,8 +10,8 @@ from . import checkpoint
 from .data import Sample, load_samples_many
 from .inference import Classifier
 from .loaders import cached_images, fast_batches
-from .metrics import (age_group, apply_temperature, calibration_metrics, classification_metrics, fit_temperature,
-                      format_report, group_metrics)
+from .metrics import (age_group, apply_temperature, calibration_metrics, classification_metrics, format_report,
+                      group_metrics)
 from .reports import write_reports
 
 
@@ -52,45 +52,6 @@ def checkpoint_summary(metrics: dict) -> dict:
         return out
 
     return brief(metrics) | {"by_source": {src: brief(m) for src, m in metrics.get("by_source", {}).items()}}
-
-
-def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
-    """After training: reload the best epoch, fit the temperature on validation, report on test."""
-    started = time.perf_counter()
-    from .train import predict_split, save_best  # training imports this module lazily; no cycle at import
-
-    best_path = run.out / "best.safetensors"
-    tensors, best_meta = checkpoint.load(best_path)
-    run.model.load_state_dict(checkpoint.model_state(tensors))
-    val_logits, val_labels, _ = predict_split(run, batches, "val")
-    temperature = fit_temperature(val_logits, val_labels)
-    logits, labels, idx = predict_split(run, batches, "test")
-    test_samples = [batches.splits["test"][i] for i in idx]
-    metrics = assess(logits, labels, test_samples, run.config.threshold, temperature)
-    epochs_seconds = sum(row.get("wall_seconds", row["seconds"]) for row in run.history)
-    metrics["run"] = {
-        "epochs": run.epoch,
-        "best_epoch": best_meta["epoch"],
-        "train_seconds": round(sum(row["seconds"] for row in run.history), 1),
-        "prepare_seconds": round(prepare_seconds, 1),
-        "wall_seconds": round(prepare_seconds + epochs_seconds + time.perf_counter() - started, 1),
-        "images_per_s": round(float(np.mean([r["images_per_s"] for r in run.history])), 1),
-        "precision": run.precision,
-        "pipeline": run.config.pipeline,
-        "device": str(run.device),
-        "skipped_files": len(run.skipped),
-        "skipped_examples": dict(list(run.skipped.items())[:20]),
-    }
-    # the shipped checkpoint carries its calibration and its test figures
-    save_best(run, epoch=best_meta["epoch"], val_loss=best_meta["val_loss"], val_acc=best_meta["val_acc"],
-              temperature=temperature,
-              test_metrics=checkpoint_summary(metrics))
-    write_reports(run.out, metrics, run.history)
-    log(format_report(metrics))
-    if run.skipped:
-        log(f"skipped {len(run.skipped)} unreadable file(s); see metrics.json run.skipped_examples")
-    log(f"reports written to {run.out}")
-    return metrics
 
 
 def cached_logits(clf: Classifier, cached, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

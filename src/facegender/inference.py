@@ -99,43 +99,47 @@ class Classifier:
         batch: list[tuple[Prediction, np.ndarray]] = []
         for i, item in enumerate(images):
             name = str(item) if isinstance(item, (str, Path)) else f"<image {i}>"
-            try:
-                crops = list(self._crops(name, item))
-            except BadImage as e:
-                crops = [(Prediction(name, error=str(e)), None)]
-            for stub, array in crops:
-                if array is None:  # nothing to classify: keep the output in input order
-                    yield from self._flush(batch)
+            for stub, face in self.faces(name, item):
+                if face is None:  # nothing to classify: keep the output in input order
+                    yield from self.classify(batch)
                     batch = []
                     yield stub
                     continue
-                batch.append((stub, array))
+                batch.append((stub, face))
                 if len(batch) == batch_size:
-                    yield from self._flush(batch)
+                    yield from self.classify(batch)
                     batch = []
-        yield from self._flush(batch)
+        yield from self.classify(batch)
 
-    def _crops(self, name: str, item) -> Iterator[tuple[Prediction, np.ndarray | None]]:
-        image = self._image(item)
+    def faces(self, name: str, item) -> list[tuple[Prediction, np.ndarray | None]]:
+        """Decode and detect: each face's Prediction stub with the model's input for it.
+
+        The input is None where there is nothing to classify (no face, or an unreadable image: the stub's
+        ``error`` says why). Safe to call from several threads; ``classify`` does the batched model work.
+        """
+        try:
+            image = self.load_image(item, name)
+        except BadImage as e:
+            return [(Prediction(name, error=str(e)), None)]
         if self.detector is None:
-            yield Prediction(name), face_array(image, None, self.size)
-            return
+            return [(Prediction(name), face_array(image, None, self.size))]
         found = detect_faces(image, self.detector)
         if not found:
-            yield Prediction(name, faces=0), None
-        for k, (face, box) in enumerate(found, start=1):
-            stub = Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box))
-            yield stub, face_array(image, box, self.size)
+            return [(Prediction(name, faces=0), None)]
+        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box)),
+                 face_array(image, box, self.size))
+                for k, (face, box) in enumerate(found, start=1)]
 
-    def _flush(self, batch: list[tuple[Prediction, np.ndarray]]) -> Iterator[Prediction]:
+    def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
+        """Complete the stubs made by ``faces`` with one batched forward pass over their inputs."""
         if not batch:
-            return
+            return []
         arrays = torch.from_numpy(np.stack([a for _, a in batch]))
-        for (stub, _), p in zip(batch, self.probabilities(self.logits(arrays))):
-            yield self._decide(stub, float(p))
+        return [self._decide(stub, float(p)) for (stub, _), p in zip(batch, self.probabilities(self.logits(arrays)))]
 
     @staticmethod
-    def _image(item) -> Image.Image:
+    def load_image(item, name: str = "<image>") -> Image.Image:
+        """A path, PIL image or H x W x 3 uint8 array as an RGB PIL image; BadImage for what cannot be one."""
         if isinstance(item, (str, Path)):
             return open_rgb(item)
         if isinstance(item, Image.Image):
