@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from facegender.data import load_samples_many
-from facegender.evaluate import cached_logits
 from facegender.inference import Classifier
 from facegender.loaders import cached_images
 
@@ -33,7 +32,7 @@ def named(text: str) -> tuple[str, str]:
 
 def accuracies(clf: Classifier, data: list[str]) -> dict[str, tuple[float, int]]:
     samples = load_samples_many(data, "test")
-    logits, labels, indices = cached_logits(clf, cached_images(samples, clf.size))
+    logits, labels, indices = clf.model.dataset_logits(samples)
     correct = (clf.probabilities(logits) >= clf.threshold) == labels.astype(bool)
     kept = [samples[i] for i in indices]
     subsets = {"all": [True] * len(kept)}

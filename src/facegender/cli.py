@@ -36,14 +36,28 @@ def cmd_train(args) -> int:
                  "precision": args.precision, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                  "max_train_images": args.max_train_images, "device": args.device, "workers": args.workers,
                  "freeze_backbone": True if args.freeze_backbone else None,
-                 "compile": True if args.compile else None}
+                 "compile": True if args.compile else None, "label_smoothing": args.label_smoothing,
+                 "distill": args.distill, "distill_weight": args.distill_weight,
+                 "distill_temperature": args.distill_temperature}
     if args.resume:
         config = load_config(epochs=args.epochs) if args.epochs else None
         train(config, [], args.out, resume=True)
         return 0
     if not args.data:
         raise UserError("train: give at least one --data DATASET (a prepared folder, manifest.csv or split folders)")
-    train(load_config(args.config, **overrides), args.data, args.out)
+    config = load_config(args.config, **overrides)
+    if args.kind == "descriptor":
+        from .heads import train_descriptor_head
+
+        train_descriptor_head(config, args.data, args.out)
+    elif args.kind == "ensemble":
+        from .heads import train_ensemble
+
+        train_ensemble(config, args.data, args.out, args.members or [])
+    else:
+        if args.members:
+            raise UserError("--members is for --kind ensemble")
+        train(config, args.data, args.out)
     return 0
 
 
@@ -179,7 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-train-images", type=int, help="use a seeded random subset of the training split")
+    p.add_argument("--label-smoothing", type=float, help="targets pulled towards 0.5 by this much (default 0)")
+    p.add_argument("--distill", metavar="TEACHER",
+                   help="also learn the soft targets of this checkpoint (e.g. a --kind descriptor run): distillation")
+    p.add_argument("--distill-weight", type=float, help="share of the loss on the teacher's soft targets (default 0.5)")
+    p.add_argument("--distill-temperature", type=float, help="softening temperature for distillation (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--kind", choices=["resnet18", "descriptor", "ensemble"], default="resnet18",
+                   help="resnet18: the reference recipe (default); descriptor: a head on dlib face descriptors "
+                        "(seconds once they are cached); ensemble: combine --members on validation")
+    p.add_argument("--members", nargs=2, metavar=("RESNET18", "DESCRIPTOR"),
+                   help="with --kind ensemble: the two checkpoints (run directories or .safetensors) to combine")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a dataset split")

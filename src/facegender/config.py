@@ -30,6 +30,10 @@ class TrainConfig:
     plateau_patience: int = 3
     early_stopping_patience: int = 5
     label_smoothing: float = 0.0
+    # distillation (opt-in): a teacher checkpoint's probabilities as soft targets beside the labels
+    distill: str = ""  # teacher: a run directory or .safetensors file (e.g. a --kind descriptor run); "" = off
+    distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest on the labels
+    distill_temperature: float = 2.0  # both logits are divided by it; the soft loss is scaled by its square
     # augmentation (training only)
     hflip: float = 0.5
     rotation: float = 10.0
@@ -58,6 +62,10 @@ class TrainConfig:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise UserError(f"config: distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.distill_temperature <= 0:
+            raise UserError(f"config: distill_temperature must be positive, got {self.distill_temperature!r}")
         if not 0 < self.threshold < 1:
             raise UserError(f"config: threshold must be in (0, 1), got {self.threshold!r}")
         return self

@@ -16,7 +16,7 @@ from .io import UserError, atomic_open
 
 MANIFEST = "manifest.csv"
 DROPPED = "dropped.csv"
-FIELDS = ("path", "label", "split", "source", "identity", "age", "race", "sha1", "box")
+FIELDS = ("path", "label", "split", "source", "identity", "age", "race", "sha1", "box", "landmarks")
 SPLITS = ("train", "val", "test")
 SPLIT_WEIGHTS = {"train": 4, "val": 1, "test": 1}
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -44,6 +44,7 @@ class Sample:
     race: str = ""
     sha1: str = ""
     box: tuple[int, int, int, int] | None = None  # the canonical face crop; None = the whole image
+    landmarks: tuple[float, ...] | None = None  # the face's 5 landmarks, x0 y0 ... x4 y4 (they place the descriptor chip)
 
 
 @dataclass
@@ -215,9 +216,9 @@ def _finish(
     final = sorted(_assign_splits(kept, seed), key=lambda s: s.path)
     undetected = None
     if detect:
-        boxes = parallel_map(_face_box, [s.path for s in final], workers)
-        final = [replace(s, box=box) for s, box in zip(final, boxes)]
-        undetected = sum(box is None for box in boxes)
+        found = parallel_map(_face_box, [s.path for s in final], workers)
+        final = [replace(s, box=box, landmarks=points) for s, (box, points) in zip(final, found)]
+        undetected = sum(box is None for box, _ in found)
     out = Path(out)
     write_manifest(final, out / MANIFEST)
     with atomic_open(out / DROPPED, "w", newline="", encoding="utf-8") as f:
@@ -230,15 +231,20 @@ def _finish(
 _DETECTOR = None  # one per process: parallel_map's workers each build their own on first use
 
 
-def _face_box(path: str) -> tuple[int, int, int, int] | None:
-    """The canonical crop of the largest face, or None (train on the whole image) when none is found."""
+def _face_box(path: str) -> tuple[tuple[int, int, int, int] | None, tuple[float, ...] | None]:
+    """The canonical crop and the 5 landmarks of the largest face; (None, None) (train on the whole image)
+    when none is found."""
     global _DETECTOR
     from .detect import FaceDetector, detect_faces
 
     if _DETECTOR is None:
         _DETECTOR = FaceDetector()
     found = detect_faces(open_rgb(path), _DETECTOR)
-    return found[0][1] if found else None
+    if not found:
+        return None, None
+    face, box = found[0]
+    points = None if face.points is None else tuple(round(v, 1) for p in face.points for v in p)
+    return box, points
 
 
 def _check_file(path: str) -> tuple[str, str]:
@@ -333,7 +339,8 @@ def write_manifest(samples: Iterable[Sample], path) -> None:
         for s in samples:
             age = "" if s.age is None else s.age
             box = "" if s.box is None else " ".join(map(str, s.box))
-            writer.writerow((s.path, CLASSES[s.label], s.split, s.source, s.identity, age, s.race, s.sha1, box))
+            points = "" if s.landmarks is None else " ".join(f"{v:g}" for v in s.landmarks)
+            writer.writerow((s.path, CLASSES[s.label], s.split, s.source, s.identity, age, s.race, s.sha1, box, points))
 
 
 # ---------------------------------------------------------------- format readers
@@ -494,6 +501,7 @@ def _read_manifest(path: Path) -> list[Sample]:
                 race=row.get("race") or "",
                 sha1=row.get("sha1") or "",
                 box=_parse_box(row.get("box") or "", path, line),
+                landmarks=_parse_landmarks(row.get("landmarks") or "", path, line),
             )
         )
     return samples
@@ -509,6 +517,18 @@ def _parse_box(text: str, path: Path, line: int) -> tuple[int, int, int, int] | 
     if x1 <= x0 or y1 <= y0:
         raise UserError(f"{path}:{line}: box {text!r} is empty (x1 <= x0 or y1 <= y0)")
     return x0, y0, x1, y1
+
+
+def _parse_landmarks(text: str, path: Path, line: int) -> tuple[float, ...] | None:
+    if not text.strip():
+        return None
+    try:
+        values = tuple(float(v) for v in text.split())
+    except ValueError:
+        values = ()
+    if len(values) != 10:
+        raise UserError(f"{path}:{line}: landmarks {text!r} are not ten numbers 'x0 y0 ... x4 y4'")
+    return values
 
 
 def _split_dir(root: Path, split: str) -> Path | None:

@@ -47,6 +47,7 @@ class Face:
     score: float
     left_eye: tuple[float, float] | None = None
     right_eye: tuple[float, float] | None = None
+    points: tuple[tuple[float, float], ...] | None = None  # dlib's 5 landmarks, in its order: they place the descriptor chip
 
 
 def _landmark_model() -> Path:
@@ -103,18 +104,19 @@ class FaceDetector:
         faces = []
         for rect, score in zip(rects, scores):
             shape = landmarks(a, rect)
-            pts = [(shape.part(i).x - dx, shape.part(i).y - dy) for i in range(4)]
+            pts = [(float(shape.part(i).x - dx), float(shape.part(i).y - dy)) for i in range(5)]
             # The 5-point model's parts 0-1 are the corners of the eye on the image's right, 2-3 the left's.
             right = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
             left = ((pts[2][0] + pts[3][0]) / 2, (pts[2][1] + pts[3][1]) / 2)
             box = (rect.left() - dx, rect.top() - dy, rect.right() + 1 - dx, rect.bottom() + 1 - dy)
-            faces.append(Face(tuple(float(v) for v in box), float(score), left, right))
+            faces.append(Face(tuple(float(v) for v in box), float(score), left, right, tuple(pts)))
         return faces
 
 
 def _scaled(face: Face, k: float) -> Face:
     eye = lambda p: None if p is None else (p[0] * k, p[1] * k)  # noqa: E731
-    return Face(tuple(v * k for v in face.box), face.score, eye(face.left_eye), eye(face.right_eye))
+    points = None if face.points is None else tuple(eye(p) for p in face.points)
+    return Face(tuple(v * k for v in face.box), face.score, eye(face.left_eye), eye(face.right_eye), points)
 
 
 def canonical_box(face: Face, image_size: tuple[int, int]) -> tuple[int, int, int, int]:

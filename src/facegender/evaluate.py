@@ -9,7 +9,6 @@ import numpy as np
 from . import checkpoint
 from .data import Sample, load_samples_many
 from .inference import Classifier
-from .loaders import cached_images, fast_batches
 from .metrics import (age_group, apply_temperature, calibration_metrics, classification_metrics, format_report,
                       group_metrics)
 from .reports import write_reports
@@ -54,14 +53,10 @@ def checkpoint_summary(metrics: dict) -> dict:
     return brief(metrics) | {"by_source": {src: brief(m) for src, m in metrics.get("by_source", {}).items()}}
 
 
-def cached_logits(clf: Classifier, cached, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits, labels and sample indices of every readable image of a ``loaders.cached_images`` set."""
-    logits, labels, indices = [], [], []
-    for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
-        logits.append(clf.logits(images))
-        labels.append(y.numpy())
-        indices.append(idx)
-    return np.concatenate(logits), np.concatenate(labels), np.concatenate(indices)
+def unreadable(samples: list[Sample], indices: np.ndarray) -> dict[str, str]:
+    """The samples a model could not read (those missing from ``indices``), path -> reason."""
+    missing = set(range(len(samples))) - set(indices.tolist())
+    return {samples[i].path: "unreadable (see the warnings)" for i in sorted(missing)}
 
 
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
@@ -70,16 +65,16 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     clf = Classifier.from_checkpoint(path, device, precision, detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
-    cached = cached_images(samples, clf.size)
-    logits, labels, indices = cached_logits(clf, cached, batch_size)
+    logits, labels, indices = clf.model.dataset_logits(samples, batch_size)
     metrics = assess(logits, labels, [samples[i] for i in indices], clf.threshold, clf.temperature)
-    metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "split": split, "data": [str(d) for d in data],
-                      "seconds": round(time.perf_counter() - started, 1), "skipped_files": len(cached.bad),
-                      "skipped_examples": dict(list(cached.bad.items())[:20])}
+    bad = unreadable(samples, indices)
+    metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "kind": clf.kind, "split": split,
+                      "data": [str(d) for d in data], "seconds": round(time.perf_counter() - started, 1),
+                      "skipped_files": len(bad), "skipped_examples": dict(list(bad.items())[:20])}
     out = Path(out) if out else checkpoint.resolve(path).parent / f"eval_{split}"
     write_reports(out, metrics, None)
     log(format_report(metrics))
-    if cached.bad:
-        log(f"skipped {len(cached.bad)} unreadable file(s); see {out / 'metrics.json'}")
+    if bad:
+        log(f"skipped {len(bad)} unreadable file(s); see {out / 'metrics.json'}")
     log(f"reports written to {out}")
     return metrics

@@ -8,17 +8,15 @@ import torch
 
 from . import checkpoint
 from .data import load_samples_many
-from .evaluate import cached_logits
 from .inference import Classifier
-from .loaders import cached_images
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def probabilities(state: dict[str, torch.Tensor], meta: dict, cached) -> np.ndarray:
-    """Calibrated P(male) for every cached image, computed in fp32 so only the stored weights differ."""
+def probabilities(state: dict[str, torch.Tensor], meta: dict, samples) -> np.ndarray:
+    """Calibrated P(male) for every readable sample, computed in fp32 so only the stored weights differ."""
     clf = Classifier.from_state(state, meta, device="cpu", precision="fp32", detect=False)
-    return clf.probabilities(cached_logits(clf, cached)[0])
+    return clf.probabilities(clf.model.dataset_logits(samples)[0])
 
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "float16", check: list[str] | None = None,
@@ -34,9 +32,9 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "float16", ch
     stored = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
     report = {"dtype": dtype, "from": path.name}
     if check and dtype != "float32":
-        cached = cached_images(load_samples_many(check, "test"), int(meta["preprocessing"]["image_size"]))
-        full = probabilities(weights, meta, cached)
-        diff = np.abs(probabilities(stored, meta, cached) - full)
+        samples = load_samples_many(check, "test")
+        full = probabilities(weights, meta, samples)
+        diff = np.abs(probabilities(stored, meta, samples) - full)
         report |= {"checked_images": int(len(diff)), "max_probability_difference": float(diff.max()),
                    "tolerance": tolerance}
         log(f"{dtype} vs float32 on {len(diff)} test images: largest difference in P(male) {diff.max():.2e}")

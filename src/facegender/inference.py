@@ -11,12 +11,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
 from .detect import FaceDetector, detect_faces
-from .images import BadImage, face_array, open_rgb
+from .facemodels import build_face_model, kind_of
+from .images import BadImage, open_rgb
 from .io import UserError
 from .metrics import apply_temperature
-from .model import build_model
-from .runtime import autocast, resolve_device, resolve_precision
-from .transforms import eval_batch
 
 # the model trained on all three corpora that ships with the package (see MODEL_CARD.md)
 BUNDLED_MODEL = Path(__file__).parent / "weights" / "facegender-resnet18.safetensors"
@@ -41,16 +39,17 @@ class Prediction:
 
 
 class Classifier:
-    """A trained model with its preprocessing, threshold and temperature, and optionally a face detector."""
+    """A trained model with its threshold and temperature, and optionally a face detector.
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "auto", precision: str = "auto",
-                 detect: bool = True, min_confidence: float = 0.0):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+    The model is any kind of ``facemodels`` (ResNet18, a descriptor head, an ensemble): the checkpoint's
+    metadata says which, and nothing here depends on it.
+    """
+
+    def __init__(self, model, meta: dict, detect: bool = True, min_confidence: float = 0.0):
+        self.model = model
         self.meta = meta
+        self.kind = kind_of(meta)
         self.classes = tuple(meta["classes"])
-        self.size = int(meta["preprocessing"]["image_size"])
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta.get("temperature", 1.0))
         self.detector = FaceDetector() if detect else None
@@ -63,22 +62,18 @@ class Classifier:
                         **options) -> "Classifier":
         """A run directory or .safetensors file; None means the bundled model."""
         tensors, meta = checkpoint.load(bundled_model() if path is None else checkpoint.resolve(path))
-        return cls.from_state(checkpoint.model_state(tensors), meta, device, precision, **options)
+        return cls(build_face_model(tensors, meta, device, precision), meta, **options)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
                    **options) -> "Classifier":
-        """Model weights (any float dtype; computed in float32 or the chosen precision) and their metadata."""
-        model = build_model("none", meta["config"]["dropout"])
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(model, meta, device, precision, **options)
+        """ResNet18 weights (any float dtype; computed in float32 or the chosen precision) and their metadata."""
+        tensors = {f"model.{k}": v for k, v in state.items()}
+        return cls(build_face_model(tensors, meta, device, precision), meta, **options)
 
-    @torch.no_grad()
-    def logits(self, batch_uint8: torch.Tensor) -> np.ndarray:
-        """Raw logits for an N x H x W x 3 uint8 batch made by ``images.face_array``."""
-        with autocast(self.device, self.precision):
-            out = self.model(eval_batch(batch_uint8.to(self.device))).squeeze(1)
-        return out.float().cpu().numpy()
+    def logits(self, inputs) -> np.ndarray:
+        """Raw logits (before the temperature) for a batch of model inputs made by ``faces``."""
+        return self.model.logits(inputs)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated P(male)."""
@@ -122,20 +117,20 @@ class Classifier:
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
         if self.detector is None:
-            return [(Prediction(name), face_array(image, None, self.size))]
+            return [(Prediction(name), self.model.inputs(image, None, None))]
         found = detect_faces(image, self.detector)
         if not found:
             return [(Prediction(name, faces=0), None)]
         return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box)),
-                 face_array(image, box, self.size))
+                 self.model.inputs(image, face, box))
                 for k, (face, box) in enumerate(found, start=1)]
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
         """Complete the stubs made by ``faces`` with one batched forward pass over their inputs."""
         if not batch:
             return []
-        arrays = torch.from_numpy(np.stack([a for _, a in batch]))
-        return [self._decide(stub, float(p)) for (stub, _), p in zip(batch, self.probabilities(self.logits(arrays)))]
+        p_male = self.probabilities(self.logits([a for _, a in batch]))
+        return [self._decide(stub, float(p)) for (stub, _), p in zip(batch, p_male)]
 
     @staticmethod
     def load_image(item, name: str = "<image>") -> Image.Image:

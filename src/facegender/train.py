@@ -20,6 +20,7 @@ from . import checkpoint
 from .config import CLASSES, MEAN, STD, TrainConfig, load_config, save_config
 from .data import Sample, load_samples_many
 from .evaluate import assess, checkpoint_summary
+from .facemodels import build_face_model
 from .io import UserError, write_text
 from .loaders import cached_images, fast_batches, reference_loader
 from .metrics import fit_temperature, format_report
@@ -63,6 +64,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau = None
     stopper: EarlyStopping = None
     generator: torch.Generator = None
+    teacher_logits: torch.Tensor | None = None  # per training sample, NaN where the teacher has none
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -191,7 +193,33 @@ class Batches:
         return len(self.splits[split])
 
 
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, scaler) -> tuple[float, int]:
+def teacher_logits(config: TrainConfig, samples: list[Sample], log=print) -> torch.Tensor:
+    """The distillation teacher's logits (after its temperature) for each training sample; NaN where it
+    could not read one. Computed once: a descriptor head reads its cached descriptors."""
+    tensors, meta = checkpoint.load(checkpoint.resolve(config.distill))
+    model = build_face_model(tensors, meta, config.device, config.precision)
+    started = time.perf_counter()
+    z, _, idx = model.dataset_logits(samples)
+    out = torch.full((len(samples),), float("nan"))
+    out[torch.from_numpy(idx)] = torch.from_numpy(z / float(meta.get("temperature", 1.0))).float()
+    log(f"distilling from {config.distill} ({meta.get('kind', 'resnet18')}): teacher logits for {len(idx)} "
+        f"training images in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross entropy against the teacher's softened probabilities, times T^2 so its gradients keep their scale
+    as T changes (Hinton et al. 2015). Samples without a teacher logit (NaN) contribute nothing."""
+    known = ~torch.isnan(teacher)
+    if not known.any():
+        return logits.sum() * 0
+    soft = torch.sigmoid(teacher[known] / temperature)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits[known] / temperature, soft, reduction="sum")
+    return loss / len(logits) * temperature**2
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, scaler,
+               idx: np.ndarray | None = None) -> tuple[float, int]:
     """One optimiser step; returns the batch's mean loss and its number of correct predictions."""
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     target = y.float()
@@ -200,6 +228,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, s
     with autocast(run.device, run.precision):
         logits = run.forward(x).squeeze(1)
     loss = loss_fn(logits.float(), target)
+    if run.teacher_logits is not None and idx is not None:
+        alpha, temperature = run.config.distill_weight, run.config.distill_temperature
+        teacher = run.teacher_logits[torch.as_tensor(idx)].to(run.device)
+        loss = (1 - alpha) * loss + alpha * distillation_loss(logits.float(), teacher, temperature)
     run.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(run.optimizer)
@@ -214,8 +246,8 @@ def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
     start = time.perf_counter()
     bar = tqdm(total=batches.count("train"), desc=f"epoch {run.epoch + 1}/{run.config.epochs}", unit="img",
                leave=False, dynamic_ncols=True, mininterval=1.0)
-    for x, y, _ in batches("train", train=True):
-        loss, right = train_step(run, x, y, loss_fn, scaler)
+    for x, y, idx in batches("train", train=True):
+        loss, right = train_step(run, x, y, loss_fn, scaler, idx)
         n = len(y)
         total_loss += loss * n
         correct += right
@@ -283,6 +315,8 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
         + f" | device {run.device}, precision {run.precision}, pipeline {run.config.pipeline}")
     started = time.perf_counter()
     batches = Batches(run, splits)
+    if run.config.distill:
+        run.teacher_logits = teacher_logits(run.config, splits["train"], log)
     prepare_seconds = time.perf_counter() - started
     loss_fn = nn.BCEWithLogitsLoss()
     while run.epoch < run.config.epochs and not run.stopper.should_stop:

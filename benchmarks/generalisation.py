@@ -1,0 +1,128 @@
+"""Leave-one-corpus-out: a proxy for accuracy on photos from collections a model never saw.
+
+For each prepared corpus in turn, models are trained on the other corpora (their train splits; validation
+on their validation splits) and tested on the held-out corpus's test split: the same images as the
+in-distribution test figures, so the two can be read side by side. One table per kind of model:
+
+- reference: the reference recipe (ResNet18, --weights none here);
+- teacher:   a logistic-regression / MLP head on dlib face descriptors (`train --kind descriptor`);
+- student:   ResNet18 distilled from that fold's teacher (`train --distill`);
+- ensemble:  the fold's reference ResNet18 and teacher stacked on validation (`train --kind ensemble`).
+
+Every fold's runs are kept under --out; an interrupted benchmark continues where it stopped (finished runs are
+reused, a ResNet18 run with a last checkpoint resumes). Usage:
+
+    python benchmarks/generalisation.py --data data/utkface data/celeba data/scut --models teacher
+    python benchmarks/generalisation.py --data ... --models reference,student,ensemble --epochs 5 --max-train-images 8000
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from facegender.config import load_config
+from facegender.data import load_samples, write_manifest
+from facegender.evaluate import assess
+from facegender.heads import train_descriptor_head, train_ensemble
+from facegender.inference import Classifier
+from facegender.train import train
+
+MODELS = ("reference", "teacher", "student", "ensemble")
+
+
+def fold_data(held_out: str, datasets: dict[str, list], folder: Path) -> Path:
+    """A manifest of every other corpus, all splits: what the fold's models train and validate on."""
+    manifest = folder / "data" / "manifest.csv"
+    if not manifest.is_file():
+        write_manifest([s for name, samples in datasets.items() if name != held_out for s in samples], manifest)
+    return manifest
+
+
+def fit(kind: str, run: Path, manifest: Path, args, teacher: Path, reference: Path) -> None:
+    """Train one fold's model into ``run`` unless it is there already."""
+    if (run / "best.safetensors").is_file() and (kind in ("teacher", "ensemble") or (run / "metrics.json").is_file()):
+        return
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not args.verbose else contextlib.nullcontext()
+    config = load_config(args.config, weights=args.weights, epochs=args.epochs, max_train_images=args.max_train_images)
+    with quiet:
+        if kind == "teacher":
+            train_descriptor_head(config, [str(manifest)], run)
+        elif kind == "ensemble":
+            train_ensemble(config, [str(manifest)], run, [str(reference), str(teacher)])
+        else:
+            if kind == "student":
+                config.distill = str(teacher)
+            resume = (run / "last.safetensors").is_file()
+            train(None if resume else config, [str(manifest)], run, resume=resume)
+
+
+def score(run: Path, samples: list) -> dict:
+    clf = Classifier.from_checkpoint(run, detect=False)
+    logits, labels, idx = clf.model.dataset_logits(samples)
+    return assess(logits, labels, [samples[i] for i in idx], clf.threshold, clf.temperature)
+
+
+def row(name: str, m: dict) -> str:
+    recall = {c: m["per_class"][c]["recall"] for c in ("female", "male")}
+    kids = m.get("groups", {}).get("age_group", {}).get("groups", {}).get("0-9", {}).get("accuracy")
+    kids = "     -" if kids is None else f"{kids * 100:6.2f}"
+    return (f"{name:<10} {m['count']:>6} {m['accuracy'] * 100:8.2f} {m['roc_auc']:7.4f} {recall['female'] * 100:8.2f} "
+            f"{recall['male'] * 100:8.2f} {kids}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", required=True, help="prepared corpora (at least two)")
+    parser.add_argument("--models", default="teacher", help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--out", default="runs/generalisation")
+    parser.add_argument("--config", help="YAML config for the ResNet18 runs (default: the reference recipe)")
+    parser.add_argument("--weights", default="none", help="ResNet18 initialisation (none here; imagenet where available)")
+    parser.add_argument("--epochs", type=int, help="ResNet18 epochs (default: the recipe's 20)")
+    parser.add_argument("--max-train-images", type=int, help="cap on each fold's ResNet18 training images")
+    parser.add_argument("--verbose", action="store_true", help="show the training output")
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or len(args.data) < 2:
+        parser.error(f"unknown model(s) {unknown}" if unknown else "give at least two corpora")
+    needs = {"student": ["teacher"], "ensemble": ["reference", "teacher"]}
+    order = [m for m in MODELS if m in models or any(m in needs.get(x, []) for x in models)]
+
+    datasets = {}
+    for d in args.data:
+        samples = load_samples(d, None)
+        datasets[samples[0].source or Path(d).name] = samples
+    out = Path(args.out)
+    results: dict[str, dict[str, dict]] = {m: {} for m in order}
+    for held_out, samples in datasets.items():
+        folder = out / f"without-{held_out}"
+        manifest = fold_data(held_out, datasets, folder)
+        test = [s for s in samples if s.split == "test"]
+        for kind in order:
+            run = folder / kind
+            print(f"[{held_out}] {kind} ...", flush=True)
+            fit(kind, run, manifest, args, folder / "teacher", folder / "reference")
+            results[kind][held_out] = score(run, test)
+    summary = {}
+    for kind in models:
+        print(f"\n{kind}: trained without the held-out corpus, tested on its test split")
+        print(f"{'held out':<10} {'images':>6} {'accuracy':>8} {'AUC':>7} {'recall F':>8} {'recall M':>8} {'0-9':>6}")
+        for held_out, m in results[kind].items():
+            print(row(held_out, m))
+        mean = float(np.mean([m["accuracy"] for m in results[kind].values()]))
+        print(f"{'mean':<10} {'':>6} {mean * 100:8.2f}")
+        summary[kind] = {h: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"], "count": m["count"],
+                             "recall": {c: m["per_class"][c]["recall"] for c in ("female", "male")},
+                             "age_0_9": m.get("groups", {}).get("age_group", {}).get("groups", {}).get("0-9", {}).get("accuracy")}
+                         for h, m in results[kind].items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nsummary: {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
