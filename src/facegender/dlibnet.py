@@ -126,9 +126,10 @@ class DescriptorNet(nn.Module):
         """
         path = packaged_model(MODEL_FILE) if path is None else Path(path)
         state = dict(converted_state(path))
-        net = cls()
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            net = cls()
         net.pixel_mean = tuple(state.pop("pixel_mean").tolist())
-        net.load_state_dict(state)
+        net.load_state_dict(state, assign=True)
         dev = resolve_device(device)
         net.precision = resolve_precision(precision, dev)
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
