@@ -132,6 +132,8 @@ def test_chip_from_box_and_points_is_dlibs_chip(astronaut_chip):
     np.testing.assert_array_equal(face_chips(rgb, [rebuilt])[0], dlib.get_face_chip(rgb, shape, size=150, padding=0.25))
     with pytest.raises(UserError, match="5 .*landmarks"):
         full_object_detection(box, [(1, 2)] * 4)
+    with pytest.raises(UserError, match="H x W x 3 uint8"):
+        face_chips(rgb.astype(np.float32), [rebuilt])
 
 
 def test_converted_weights_are_cached_by_the_files_hash(tmp_path):

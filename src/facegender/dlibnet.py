@@ -172,7 +172,9 @@ def face_chips(image: np.ndarray, detections: Sequence) -> np.ndarray:
         import dlib
     except ImportError:
         raise UserError(f"face chips need dlib: {INSTALL_HINT}") from None
-    image = np.ascontiguousarray(image, dtype=np.uint8)
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise UserError(f"face chips are cut from an H x W x 3 uint8 RGB image; got {image.shape} {image.dtype}")
     chips = [dlib.get_face_chip(image, d, size=CHIP_SIZE, padding=CHIP_PADDING) for d in detections]
     return np.stack(chips) if chips else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
 
