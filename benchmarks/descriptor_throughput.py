@@ -7,7 +7,7 @@ and shifted, where UTKFace is absent). The configurations take turns for ``--rou
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
 CPU milliseconds per face (process time, all threads) are the steadier figure there, since waiting for
 a core costs wall time but no CPU time. Also prints each precision's cosine to dlib's descriptors. Usage:
-    python benchmarks/descriptor_throughput.py --faces 128 --seconds 6 --rounds 3 [--threads N]
+    python benchmarks/descriptor_throughput.py --faces 64 --seconds 4 --rounds 3 [--threads N]
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def cosine_range(a: np.ndarray, b: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--faces", type=int, default=128)
+    parser.add_argument("--faces", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="the large batch size")
-    parser.add_argument("--seconds", type=float, default=6, help="timed seconds per configuration per round")
+    parser.add_argument("--seconds", type=float, default=4, help="timed seconds per configuration per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
