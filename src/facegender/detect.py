@@ -18,6 +18,8 @@ from .io import UserError
 
 INSTALL_HINT = "pip install 'dlib-bin>=20.0.1,<21' 'face-recognition-models==0.3.0'"
 
+LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"
+
 # dlib's HOG window is 80 px: images smaller than this are doubled so faces down to ~40 px are found.
 UPSAMPLE_BELOW = 400
 # Larger photos are shrunk first: HOG time grows with pixels, and a face under 1/16 of the side is no portrait.
@@ -50,12 +52,13 @@ class Face:
     points: tuple[tuple[float, float], ...] | None = None  # dlib's 5 landmarks, in its order: they place the descriptor chip
 
 
-def _landmark_model() -> Path:
+def packaged_model(name: str) -> Path:
+    """A model file shipped by the face-recognition-models package."""
     # Located without importing the package: its __init__ needs pkg_resources, gone from new setuptools.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"face detection needs the face-recognition-models package: {INSTALL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "shape_predictor_5_face_landmarks.dat"
+        raise UserError(f"{name} comes with the face-recognition-models package: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall it with {INSTALL_HINT}")
     return path
@@ -78,7 +81,7 @@ class FaceDetector:
                 import dlib
             except ImportError:
                 raise UserError(f"face detection needs dlib: {INSTALL_HINT}") from None
-            self._models = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(_landmark_model())), dlib
+            self._models = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
         return self._models
 
     def detect(self, image: Image.Image) -> list[Face]:
