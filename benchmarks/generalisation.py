@@ -71,7 +71,7 @@ def row(name: str, m: dict) -> str:
     recall = {c: m["per_class"][c]["recall"] for c in ("female", "male")}
     kids = m.get("groups", {}).get("age_group", {}).get("groups", {}).get("0-9", {}).get("accuracy")
     kids = "     -" if kids is None else f"{kids * 100:6.2f}"
-    return (f"{name:<10} {m['count']:>6} {m['accuracy'] * 100:8.2f} {m['roc_auc']:7.4f} {recall['female'] * 100:8.2f} "
+    return (f"{name:<13} {m['count']:>6} {m['accuracy'] * 100:8.2f} {m['roc_auc']:7.4f} {recall['female'] * 100:8.2f} "
             f"{recall['male'] * 100:8.2f} {kids}")
 
 
@@ -111,11 +111,11 @@ def main() -> None:
     summary = {}
     for kind in models:
         print(f"\n{kind}: trained without the held-out corpus, tested on its test split")
-        print(f"{'held out':<10} {'images':>6} {'accuracy':>8} {'AUC':>7} {'recall F':>8} {'recall M':>8} {'0-9':>6}")
+        print(f"{'held out':<13} {'images':>6} {'accuracy':>8} {'AUC':>7} {'recall F':>8} {'recall M':>8} {'0-9':>6}")
         for held_out, m in results[kind].items():
             print(row(held_out, m))
         mean = float(np.mean([m["accuracy"] for m in results[kind].values()]))
-        print(f"{'mean':<10} {'':>6} {mean * 100:8.2f}")
+        print(f"{'mean':<13} {'':>6} {mean * 100:8.2f}")
         summary[kind] = {h: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"], "count": m["count"],
                              "recall": {c: m["per_class"][c]["recall"] for c in ("female", "male")},
                              "age_0_9": m.get("groups", {}).get("age_group", {}).get("groups", {}).get("0-9", {}).get("accuracy")}

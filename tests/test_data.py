@@ -17,6 +17,7 @@ from facegender.data import (
     prepare_csv,
     prepare_folder,
     prepare_utkface,
+    write_manifest,
 )
 from facegender.io import UserError
 
@@ -82,8 +83,8 @@ def test_prepare_utkface(utk_tree, tmp_path):
     by_name = {Path(r["path"]).name: r for r in rows}
     assert len(rows) == report.total == 48 + 2 + 1  # 48 regular, no-race, plain .jpg, one of the same-label pair
     assert Path(rows[0]["path"]).is_absolute()
-    assert list(rows[0]) == ["path", "label", "split", "source", "identity", "age", "race", "sha1", "box"]
-    assert report.undetected == report.total and all(r["box"] == "" for r in rows)  # drawn squares, no faces
+    assert list(rows[0]) == ["path", "label", "split", "source", "identity", "age", "race", "sha1", "box", "landmarks"]
+    assert report.undetected == report.total and all(r["box"] == r["landmarks"] == "" for r in rows)  # no faces
 
     first = by_name["20_0_0_20170100000000000.jpg.chip.jpg"]
     assert (first["label"], first["age"], first["race"], first["source"]) == ("male", "20", "white", "utkface")
@@ -293,6 +294,16 @@ def test_load_samples_tolerates_extra_columns_and_relative_paths(tmp_path):
     assert s == Sample(str(tmp_path / "img" / "a.jpg"), 1, "test", "", age=31, box=(1, 2, 3, 4))
     (tmp_path / "bad.csv").write_text("path,label,split,box\nimg/a.jpg,male,test,1 2 x 4\n")
     with pytest.raises(UserError, match="bad.csv:2: box"):
+        load_samples(tmp_path / "bad.csv", "test")
+
+
+def test_manifest_landmarks_round_trip_and_bad_ones_are_named(tmp_path):
+    points = (101.0, 72.0, 85.5, 73.0, 45.0, 72.0, 60.0, 73.0, 73.0, 102.0)
+    sample = Sample(str(tmp_path / "a.jpg"), 0, "train", "x", box=(16, 32, 131, 147), landmarks=points)
+    write_manifest([sample], tmp_path / "m.csv")
+    assert load_samples(tmp_path / "m.csv", "train") == [sample]
+    (tmp_path / "bad.csv").write_text("path,label,split,landmarks\na.jpg,male,test,1 2 3\n")
+    with pytest.raises(UserError, match="bad.csv:2: landmarks '1 2 3' are not ten numbers"):
         load_samples(tmp_path / "bad.csv", "test")
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from facegender.facemodels import ResNetModel
 from facegender.inference import Classifier, annotate, expand_inputs
 from facegender.model import build_model
 
@@ -11,10 +12,14 @@ from conftest import shared
 META = {"classes": ["female", "male"], "preprocessing": {"image_size": 128}, "threshold": 0.5, "temperature": 2.0}
 
 
+def resnet():
+    return ResNetModel(build_model("none"), 128, torch.device("cpu"), "fp32")
+
+
 @pytest.fixture(scope="module")
 def clf():
     torch.manual_seed(0)
-    return Classifier(build_model("none"), META, precision="fp32", detect=False)
+    return Classifier(resnet(), META, detect=False)
 
 
 def test_paths_pil_images_and_arrays_agree(clf, tmp_path):
@@ -67,7 +72,7 @@ def _two_faces(tmp_path):
 
 def test_every_detected_face_gets_a_prediction_with_its_box(tmp_path):
     torch.manual_seed(0)
-    clf = Classifier(build_model("none"), META, precision="fp32", detect=True)
+    clf = Classifier(resnet(), META, detect=True)
     path = _two_faces(tmp_path)
     blank = tmp_path / "blank.png"
     Image.new("RGB", (300, 300), (200, 200, 200)).save(blank)
@@ -84,7 +89,7 @@ def test_min_confidence_turns_weak_guesses_into_uncertain(tmp_path):
     torch.manual_seed(0)
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8)]
-    sure = Classifier(build_model("none"), META, precision="fp32", detect=False)
-    cautious = Classifier(sure.model, META, precision="fp32", detect=False, min_confidence=0.99)
+    sure = Classifier(resnet(), META, detect=False)
+    cautious = Classifier(sure.model, META, detect=False, min_confidence=0.99)
     for a, b in zip(sure.predict(images), cautious.predict(images)):
         assert b.label == ("uncertain" if a.confidence < 0.99 else a.label) and b.p_male == a.p_male

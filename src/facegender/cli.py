@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print label, confidence and P(male) per image as JSON lines or CSV.")
     p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
                    help="optionally a checkpoint first (run dir or .safetensors), then images or folders")
-    p.add_argument("--model", help="checkpoint, instead of giving it first (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint, instead of giving it first, or a bundled model: descriptor (the "
+                                   "default: a head on dlib face descriptors) or resnet18 (the reference network)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", help="write to this file instead of standard output")
     p.add_argument("--batch-size", type=int, default=64)

@@ -19,6 +19,11 @@ def probabilities(state: dict[str, torch.Tensor], meta: dict, samples) -> np.nda
     return clf.probabilities(clf.model.dataset_logits(samples)[0])
 
 
+def _corpus_name(data: str) -> str:
+    path = Path(data)
+    return path.parent.name if path.name == "manifest.csv" else path.name
+
+
 def export_model(source: str | Path, out: str | Path, dtype: str = "float16", check: list[str] | None = None,
                  tolerance: float = 1e-3, log=print) -> dict:
     """Write the model of ``source`` (a run directory or checkpoint) to ``out`` without the training state.
@@ -31,7 +36,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "float16", ch
     weights = {k: v.float() for k, v in checkpoint.model_state(tensors).items()}
     stored = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
     report = {"dtype": dtype, "from": path.name}
-    if check and dtype != "float32":
+    if check and dtype != "float32" and weights:  # a descriptor head alone has no ResNet18 to halve
         samples = load_samples_many(check, "test")
         full = probabilities(weights, meta, samples)
         diff = np.abs(probabilities(stored, meta, samples) - full)
@@ -42,7 +47,9 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "float16", ch
             log(f"above {tolerance:g}: writing float32 weights instead")
             stored, report["dtype"] = weights, "float32"
     # the shipped file names its training data, not the paths of the machine it was trained on
-    meta = meta | {"data": [Path(d).name for d in meta.get("data", [])], "export": report}
-    checkpoint.save(Path(out), {f"model.{k}": v for k, v in stored.items()}, meta)
+    meta = meta | {"data": [_corpus_name(d) for d in meta.get("data", [])], "export": report}
+    # a descriptor head (and an ensemble's) is a few thousand numbers: it stays float32
+    heads = {k: v.float() for k, v in tensors.items() if k.startswith("head.")}
+    checkpoint.save(Path(out), {f"model.{k}": v for k, v in stored.items()} | heads, meta)
     log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, {report['dtype']})")
     return report

@@ -95,14 +95,14 @@ class DescriptorModel:
 
     kind = "descriptor"
 
-    def __init__(self, head: DescriptorHead, extractor=None):
+    def __init__(self, head: DescriptorHead, extractor=None, device: str = "auto"):
         self.head = head.eval()
-        self._extractor = extractor
+        self._extractor, self.device = extractor, device
 
     @property
     def extractor(self):
-        if self._extractor is None:
-            self._extractor = default_extractor()
+        if self._extractor is None:  # float32, as the cached descriptors it was fitted on
+            self._extractor = default_extractor(self.device)
         return self._extractor
 
     def inputs(self, image: Image.Image, face, box) -> np.ndarray:
@@ -179,7 +179,7 @@ def build_face_model(tensors: dict[str, torch.Tensor], meta: dict, device: str =
     kind = kind_of(meta)
     if kind == "resnet18":
         return resnet_from_state(tensors, meta, device, precision)
-    descriptor = DescriptorModel(head_from_state(tensors, meta), extractor)
+    descriptor = DescriptorModel(head_from_state(tensors, meta), extractor, str(device))
     if kind == "descriptor":
         return descriptor
     ensemble = meta["ensemble"]

@@ -63,20 +63,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndar
 
 
 def fit_mlp(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int = 0, epochs: int = 60,
-            log=print) -> DescriptorHead:
-    """One hidden layer, Adam with weight decay; the epoch with the lowest validation loss is kept."""
+            weights: np.ndarray | None = None, log=print) -> DescriptorHead:
+    """One hidden layer, Adam with weight decay; the epoch with the lowest validation loss is kept.
+
+    ``weights`` (one per training sample, mean 1) scale each sample's share of the loss.
+    """
     torch.manual_seed(seed)
     head = DescriptorHead(MLP_HIDDEN)
     head.mean.copy_(torch.from_numpy(x.mean(0)))
     head.scale.copy_(torch.from_numpy(x.std(0) + 1e-6))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
+    wt = torch.ones(len(y)) if weights is None else torch.from_numpy(np.asarray(weights, np.float32))
     optimizer = torch.optim.AdamW(head.layers.parameters(), lr=1e-3, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(seed)
     best = (np.inf, None, 0)
     for epoch in range(1, epochs + 1):
         head.train()
         for idx in torch.randperm(len(xt), generator=generator).split(256):
-            loss = nn.functional.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx])
+            loss = nn.functional.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx], weight=wt[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

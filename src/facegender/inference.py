@@ -16,8 +16,11 @@ from .images import BadImage, open_rgb
 from .io import UserError
 from .metrics import apply_temperature
 
-# the model trained on all three corpora that ships with the package (see MODEL_CARD.md)
-BUNDLED_MODEL = Path(__file__).parent / "weights" / "facegender-resnet18.safetensors"
+# the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
+BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.safetensors"
+                  for name in ("descriptor", "resnet18")}
+DEFAULT_MODEL = "descriptor"  # the best on faces from corpora it never saw (MODEL_CARD.md, leave-one-corpus-out)
+BUNDLED_MODEL = BUNDLED_MODELS[DEFAULT_MODEL]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
@@ -60,8 +63,8 @@ class Classifier:
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
                         **options) -> "Classifier":
-        """A run directory or .safetensors file; None means the bundled model."""
-        tensors, meta = checkpoint.load(bundled_model() if path is None else checkpoint.resolve(path))
+        """A run directory or .safetensors file, or the name of a bundled model; None means the default one."""
+        tensors, meta = checkpoint.load(model_path(path))
         return cls(build_face_model(tensors, meta, device, precision), meta, **options)
 
     @classmethod
@@ -145,11 +148,22 @@ class Classifier:
         return Image.fromarray(array)
 
 
-def bundled_model() -> Path:
-    if not BUNDLED_MODEL.is_file():
-        raise UserError(f"the bundled model {BUNDLED_MODEL} is missing from this install; "
+def bundled_model(name: str = DEFAULT_MODEL) -> Path:
+    path = BUNDLED_MODELS[name]
+    if not path.is_file():
+        raise UserError(f"the bundled model {path} is missing from this install; "
                         "reinstall facegender, or pass a checkpoint (a run directory or .safetensors file)")
-    return BUNDLED_MODEL
+    return path
+
+
+def model_path(model: str | Path | None) -> Path:
+    """The checkpoint file meant by ``model``: a run directory or file, a bundled model's name, or None
+    for the default bundled model."""
+    if model is None:
+        return bundled_model()
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return bundled_model(str(model))
+    return checkpoint.resolve(model)
 
 
 LABEL_COLOURS = {"female": (230, 60, 140), "male": (40, 120, 230), "uncertain": (240, 180, 0)}
