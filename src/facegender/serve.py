@@ -18,9 +18,11 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from . import checkpoint as checkpoint_files
 from .images import BadImage, decode_rgb
@@ -30,6 +32,7 @@ from .io import UserError
 MAX_BATCH_IMAGES = 32  # images in one /v1/predict/batch request
 WEB = files("facegender") / "web"
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+DOCS_STATIC = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 # what the corpora the bundled model was trained on allow (README "Data licences", MODEL_CARD.md)
 CORPUS_LICENCES = {"utkface": "UTKFace", "celeba": "CelebA", "scut_fbp5500": "SCUT-FBP5500"}
 
@@ -135,7 +138,7 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
         await batcher.stop()
         decoders.shutdown(wait=True)
 
-    app = FastAPI(title="facegender", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="facegender", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Perceived binary gender of every face in a photo (ResNet18, one sigmoid logit). "
                               "Upload one image as multipart (field `file`) or JSON (`image`: base64 or a data URL).")
     app.state.batcher = batcher
@@ -203,6 +206,19 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse((WEB / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():  # Swagger UI from the swagger-ui-bundle package, not a CDN: it works offline
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="facegender API",
+                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/docs/swagger-ui.css",
+                                   swagger_favicon_url="/static/docs/favicon-32x32.png")
+
+    @app.get("/static/docs/{name}", include_in_schema=False)
+    async def docs_static(name: str):
+        if name not in DOCS_STATIC:
+            raise ApiError(404, f"/static/docs/{name}: no such file")
+        return Response((swagger_ui_path / name).read_bytes(), media_type=DOCS_STATIC[name])
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
