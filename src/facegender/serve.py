@@ -20,6 +20,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
@@ -35,6 +36,16 @@ STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 DOCS_STATIC = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 # what the corpora the bundled model was trained on allow (README "Data licences", MODEL_CARD.md)
 CORPUS_LICENCES = {"utkface": "UTKFace", "celeba": "CelebA", "scut_fbp5500": "SCUT-FBP5500"}
+
+
+class ErrorBody(BaseModel):
+    error: str  # one line: what is wrong and, where it helps, what to do
+
+
+ERRORS = {status: {"model": ErrorBody, "description": why} for status, why in (
+    (400, "a damaged image: truncated, empty, or a decompression bomb"), (413, "over the upload limit"),
+    (415, "not an image, or a body that is neither multipart/form-data nor JSON"),
+    (422, "a malformed request: no image, bad base64 or JSON, an option out of range"))}
 
 
 class ApiError(Exception):
@@ -174,7 +185,8 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
     detect_query = Query(True, description="find faces; false classifies the whole image (a face crop already)")
     min_conf_query = Query(0.0, ge=0, le=1, description="below this confidence the label is 'uncertain'")
 
-    @app.post("/v1/predict", summary="Label every face of one image", openapi_extra=_upload_doc(batch=False))
+    @app.post("/v1/predict", summary="Label every face of one image", responses=ERRORS,
+              openapi_extra=_upload_doc(batch=False))
     async def predict(request: Request, detect: bool = detect_query, min_confidence: float = min_conf_query):
         (name, data), = await _images(request, max_bytes, batch=False)
         try:
@@ -182,8 +194,8 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
         except BadImage as e:
             raise ApiError(415 if e.reason == "not an image" else 400, str(e)) from None
 
-    @app.post("/v1/predict/batch", summary="Label every face of several images",
-              openapi_extra=_upload_doc(batch=True))
+    @app.post("/v1/predict/batch", summary="Label every face of several images (a bad one is that image's error)",
+              responses=ERRORS, openapi_extra=_upload_doc(batch=True))
     async def predict_batch(request: Request, detect: bool = detect_query, min_confidence: float = min_conf_query):
         images = await _images(request, max_bytes, batch=True)
 
