@@ -45,15 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_pids(pid: int) -> list[int]:
+    return [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of the server and its worker processes, from /proc."""
-    pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     total = 0
-    for p in pids:
+    for p in server_pids(pid):
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the server and its workers have used: unlike wall time, barely moved by
+    other programs sharing the machine."""
+    ticks = 0
+    for p in server_pids(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(port: int, micro_batching: bool, workers: int) -> subprocess.Popen:
@@ -109,10 +122,11 @@ def run(micro_batching: bool, images, clients: int, seconds: float, workers: int
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
         asyncio.run(load(url, images, clients, min(5.0, seconds)))  # warm-up: threads, allocator, caches
-        memory_start = rss_mib(proc.pid)
+        memory_start, cpu_start = rss_mib(proc.pid), cpu_seconds(proc.pid)
         start = time.perf_counter()
         latencies, errors = asyncio.run(load(url, images, clients, seconds))
         elapsed = time.perf_counter() - start
+        cpu = cpu_seconds(proc.pid) - cpu_start
         memory_end = rss_mib(proc.pid)
         health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
     finally:
@@ -121,7 +135,7 @@ def run(micro_batching: bool, images, clients: int, seconds: float, workers: int
     ms = np.array(latencies) * 1000
     return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
             "errors": errors, "requests": len(latencies), "mem_start": memory_start, "mem_end": memory_end,
-            "mean_batch": health["faces"] / max(1, health["batches"])}
+            "mean_batch": health["faces"] / max(1, health["batches"]), "cpu_ms": 1000 * cpu / max(1, len(latencies))}
 
 
 def main() -> None:
@@ -139,10 +153,11 @@ def main() -> None:
         r = results[on] = run(on, images, args.clients, args.seconds, args.workers)
         print(f"micro-batching {'on ' if on else 'off'}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
               f"p99 {r['p99']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch {r['mean_batch']:.2f} "
-              f"faces, server memory {r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB "
+              f"faces, server CPU {r['cpu_ms']:.1f} ms/request, server memory {r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB "
               f"({100 * (r['mem_end'] / r['mem_start'] - 1):+.1f}%)", flush=True)
     print(f"micro-batching on/off: {results[True]['rps'] / results[False]['rps']:.2f}x requests/s, "
-          f"p99 {results[True]['p99'] / results[False]['p99']:.2f}x")
+          f"p99 {results[True]['p99'] / results[False]['p99']:.2f}x, "
+          f"server CPU per request {results[True]['cpu_ms'] / results[False]['cpu_ms']:.2f}x")
     r = results[True]
     print(f"serve: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, {r['errors']} errors "
           f"(clients {args.clients}, micro-batching on)")

@@ -423,7 +423,9 @@ def app_from_environment() -> FastAPI:
     import torch
 
     options = json.loads(os.environ[_ENV])
-    if options["workers"] > 1:  # the processes share the cores: each keeps to its share
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options["workers"]))
+    # Half of a process's share of the cores for the model, the rest for decoding and detection, which run
+    # beside it. More model threads than that oversubscribe the cores, and PyTorch's threads, which wait
+    # for each other at every layer, then lose many times what they gain (bench: benchmarks/serve_load.py).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * options["workers"])))
     classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"])
     return create_app(classifier, max_upload_mb=options["max_upload_mb"], micro_batching=options["micro_batching"])
