@@ -34,8 +34,8 @@ MAX_BATCH_IMAGES = 32  # images in one /v1/predict/batch request
 WEB = files("facegender") / "web"
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 DOCS_STATIC = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
-# what the corpora the bundled model was trained on allow (README "Data licences", MODEL_CARD.md)
-CORPUS_LICENCES = {"utkface": "UTKFace", "celeba": "CelebA", "scut_fbp5500": "SCUT-FBP5500"}
+# corpora whose licences allow non-commercial research only (README "Data licences", MODEL_CARD.md)
+RESEARCH_ONLY = {"utkface": "UTKFace", "celeba": "CelebA", "scut_fbp5500": "SCUT-FBP5500"}
 
 
 class ErrorBody(BaseModel):
@@ -361,15 +361,15 @@ def _json_image(item, i: int) -> tuple[str, bytes]:
 
 def _model_info(classifier: Classifier) -> dict:
     meta = classifier.meta
-    corpora = [CORPUS_LICENCES.get(d, d) for d in meta.get("data", [])]
+    data = meta.get("data") or []
+    names = ", ".join(RESEARCH_ONLY.get(d, d) for d in data) or "data not recorded in the checkpoint"
     licence = meta.get("licence") or (
-        f"trained on {', '.join(corpora)}: " + ("non-commercial research use only, as their licences say "
-                                                 "(see MODEL_CARD.md)" if set(meta.get("data", [])) & set(CORPUS_LICENCES)
-                                                 else "the licences of that data apply"))
+        f"trained on {names}: " + ("for non-commercial research only, as those corpora's licences say (see MODEL_CARD.md)"
+                                   if set(data) & set(RESEARCH_ONLY) else "the licences of that data apply"))
     return {"classes": list(classifier.classes), "positive_class": meta.get("positive_class"),
             "threshold": classifier.threshold, "temperature": classifier.temperature,
             "image_size": meta.get("preprocessing", {}).get("image_size"), "epoch": meta.get("epoch"),
-            "data": meta.get("data"), "test_metrics": meta.get("test_metrics"), "licence": licence,
+            "data": data, "test_metrics": meta.get("test_metrics"), "licence": licence,
             "detector": classifier.detector is not None}
 
 
