@@ -75,7 +75,7 @@ def start_server(port: int, micro_batching: bool, workers: int) -> subprocess.Po
         cmd.append("--no-micro-batching")
     log = tempfile.TemporaryFile()  # a file, not a pipe: the access log of thousands of requests would fill a pipe
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a loaded machine takes minutes to import torch and load the model
     while True:
         if proc.poll() is not None:
             log.seek(0)
@@ -87,7 +87,7 @@ def start_server(port: int, micro_batching: bool, workers: int) -> subprocess.Po
             pass
         if time.time() > deadline:
             proc.kill()
-            sys.exit("serve_load: the server did not start within 5 minutes")
+            sys.exit("serve_load: the server did not start within 15 minutes")
         time.sleep(0.2)
 
 
