@@ -8,7 +8,7 @@ SHARED ?= ../shared/data
 DEMO := runs/demo
 TRAIN_DEMO := runs/train-demo
 
-.PHONY: demo train-demo test setup clean bench
+.PHONY: demo train-demo test setup clean bench serve
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ ASTRONAUT = $$($(PY) -c 'import pathlib, skimage.data; print(pathlib.Path(skimag
 demo: $(STAMP)
 	$(FG) predict $(ASTRONAUT) --annotate $(DEMO)
 	@echo "annotated copy: $(DEMO)/astronaut.png"
+
+# The API and web page on the bundled model: http://127.0.0.1:8000/ (PORT=... to change it).
+PORT ?= 8000
+serve: $(STAMP)
+	$(FG) serve --port $(PORT)
 
 # A short real training, evaluation and prediction on a subset of UTKFace.
 train-demo: $(STAMP)

@@ -90,3 +90,35 @@ def real_subsets(tmp_path_factory) -> dict[str, Path]:
     prepare_csv(scut / "labels.csv", root / "scut")
     out["scut"] = root / "scut"
     return out
+
+
+@pytest.fixture(scope="session")
+def bundled_classifier():
+    from facegender.inference import Classifier
+
+    return Classifier.from_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def live_server(bundled_classifier):
+    """The real API around the bundled model, on a real uvicorn on a free loopback port: its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from facegender.serve import create_app
+
+    app = create_app(bundled_classifier)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    server.app = app
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -17,7 +17,7 @@ def _cli(*args, timeout=600):
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "export"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "export", "serve"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -31,6 +31,8 @@ def test_every_subcommand_has_help(command, capsys):
     (["evaluate", "{tmp}/nothing", "{tmp}"], "nothing"),
     (["predict", "--model", "{tmp}/gone.safetensors", "{tmp}/x.jpg"], "gone.safetensors"),
     (["export", "{tmp}/nothing", "{tmp}/m.safetensors"], "nothing"),
+    (["serve", "{tmp}/gone.safetensors"], "gone.safetensors"),
+    (["serve", "--workers", "2", "{tmp}/gone"], "gone"),
     (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/missing.pth"], "missing.pth"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, message):
@@ -97,3 +99,69 @@ def test_predict_annotates_real_faces(synthetic_dataset, tmp_path):
     assert [r["face"] for r in rows] == [1, 2] and all(len(r["box"]) == 4 for r in rows)
     assert all(r["label"] in ("female", "male", "uncertain") for r in rows)
     assert (tmp_path / "drawn" / "two.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["predict", "run", "--no-detect", "a.jpg", "b.jpg"], {"inputs": ["run", "a.jpg", "b.jpg"], "no_detect": True}),
+    (["predict", "a.jpg", "--format", "csv", "b.jpg", "--min-confidence", "0.7"],
+     {"inputs": ["a.jpg", "b.jpg"], "format": "csv", "min_confidence": 0.7}),
+    (["prepare", "utkface", "--seed", "3", "src", "--no-detect", "out"],
+     {"kind": "utkface", "src": "src", "out": "out", "seed": 3, "no_detect": True}),
+    (["evaluate", "run", "--split", "val", "d1", "--batch-size", "8", "d2"],
+     {"checkpoint": "run", "data": ["d1", "d2"], "split": "val", "batch_size": 8}),
+    (["export", "run", "--dtype", "float32", "out.safetensors"],
+     {"checkpoint": "run", "out": "out.safetensors", "dtype": "float32"}),
+    (["train", "--out", "r", "--data", "d1", "--epochs", "2", "--data", "d2"], {"data": ["d1", "d2"], "epochs": 2}),
+    (["serve", "--port", "9000", "run", "--no-micro-batching"], {"checkpoint": "run", "port": 9000, "no_micro_batching": True}),
+])
+def test_options_work_anywhere_on_the_line(argv, expected):
+    from facegender.cli import parse_args
+
+    args = vars(parse_args(argv))
+    assert {k: args[k] for k in expected} == expected and args["command"] == argv[0]
+
+
+def test_predict_with_an_option_between_the_images_runs(tmp_path):
+    from facegender.inference import BUNDLED_MODEL
+    from test_serve import ASTRONAUT, CAT
+
+    out = tmp_path / "rows.jsonl"
+    assert main(["predict", str(BUNDLED_MODEL), "--no-detect", str(ASTRONAUT), str(CAT), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["source"], r["faces"], r["box"]) for r in rows] == [(str(ASTRONAUT), None, None), (str(CAT), None, None)]
+    assert all(r["label"] in ("female", "male") for r in rows)
+
+
+def test_a_misspelt_command_still_gets_argparse_s_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predcit", "a.jpg"])
+    assert e.value.code == 2 and "invalid choice: 'predcit'" in capsys.readouterr().err
+
+
+def test_serve_command_answers_on_loopback_with_two_worker_processes():
+    import socket
+
+    import httpx
+    from test_serve import ASTRONAUT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": ("a.png", ASTRONAUT.read_bytes())},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "female"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0

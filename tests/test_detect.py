@@ -116,3 +116,14 @@ def test_a_missing_dlib_is_a_user_error_saying_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)
     with pytest.raises(UserError, match="pip install"):
         FaceDetector().detect(Image.new("RGB", (32, 32)))
+
+
+def test_threads_sharing_one_detector_find_what_one_thread_finds():
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = portraits(8) * 3
+    shared = FaceDetector()
+    alone = [[f.box for f in FaceDetector().detect(im)] for im in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda im: [f.box for f in shared.detect(im)], images))
+    assert together == alone and all(len(boxes) == 1 for boxes in alone)

@@ -76,6 +76,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
+    serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
+          micro_batching=not args.no_micro_batching, device=args.device)
+    return 0
+
+
 def _is_checkpoint(path: str) -> bool:
     p = Path(path)
     return p.suffix == ".safetensors" or (p.is_dir() and (p / "best.safetensors").is_file())
@@ -240,12 +250,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared datasets: keep float16 only if it changes no test-split P(male) by more than --tolerance")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP API and web page",
+                       description="Serve POST /v1/predict, /v1/predict/batch, GET /v1/model, /healthz, the API "
+                                   "docs at /docs and a web page at /.")
+    p.add_argument("checkpoint", nargs="?", help="run directory or .safetensors file (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest request body, in MiB (default 10)")
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    p.add_argument("--no-micro-batching", action="store_true",
+                   help="one forward pass per request instead of sharing passes between concurrent requests")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options anywhere on the line, between positionals too (``predict RUN --no-detect a.jpg b.jpg``).
+
+    argparse's intermixed parsing does not work through subparsers, so each subcommand parses its own part.
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # no command, --help or a misspelling: argparse's own message
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

@@ -67,22 +67,23 @@ def packaged_model(name: str) -> Path:
 class FaceDetector:
     """dlib HOG detector + 5-point landmarks. Cheap to construct: the models load on first use.
 
-    One lock serialises calls, so one instance may be shared by the threads of a process.
+    One instance may be shared by the threads of a process: dlib's objects are not thread-safe, so each thread
+    loads its own, and dlib releases the GIL while it detects, so threads detect in parallel (a server's do).
     """
 
     def __init__(self, min_score: float = 0.0):
         self.min_score = min_score  # dlib's own threshold is 0; raise it to trade recall for precision
-        self._lock = threading.Lock()
-        self._models = None
+        self._local = threading.local()
 
     def _load(self):
-        if self._models is None:
+        if getattr(self._local, "models", None) is None:
             try:
                 import dlib
             except ImportError:
                 raise UserError(f"face detection needs dlib: {INSTALL_HINT}") from None
-            self._models = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
-        return self._models
+            self._local.models = (dlib.get_frontal_face_detector(),
+                                  dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib)
+        return self._local.models
 
     def detect(self, image: Image.Image) -> list[Face]:
         """Every face in ``image``, largest first."""
@@ -91,11 +92,10 @@ class FaceDetector:
         if scale < 1.0:
             rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
         a = np.asarray(rgb)
-        with self._lock:
-            faces = self._detect(a, 0, 0)
-            if not faces:
-                dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
-                faces = self._detect(np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
+        faces = self._detect(a, 0, 0)
+        if not faces:
+            dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
+            faces = self._detect(np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
         faces = [_scaled(f, 1.0 / scale) for f in faces] if scale < 1.0 else faces
         return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
 

@@ -90,8 +90,21 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         if os.path.getsize(path) == 0:
             raise BadImage(path, "empty file")
         with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here rather than later
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return _loaded_rgb(img)
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """``open_rgb`` for an image held in memory (an upload): the bytes never touch the disk."""
+    with _decoding(name):
+        if not data:
+            raise BadImage(name, "empty file")
+        with Image.open(io.BytesIO(data)) as img:
+            return _loaded_rgb(img)
+
+
+def _loaded_rgb(img: Image.Image) -> Image.Image:
+    img.load()  # decode now, so a truncated file fails here rather than later
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def check_image(data: bytes, name: str) -> None:

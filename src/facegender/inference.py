@@ -109,17 +109,18 @@ class Classifier:
                     batch = []
         yield from self.classify(batch)
 
-    def faces(self, name: str, item) -> list[tuple[Prediction, np.ndarray | None]]:
+    def faces(self, name: str, item, detect: bool = True) -> list[tuple[Prediction, np.ndarray | None]]:
         """Decode and detect: each face's Prediction stub with the model's input for it.
 
         The input is None where there is nothing to classify (no face, or an unreadable image: the stub's
         ``error`` says why). Safe to call from several threads; ``classify`` does the batched model work.
+        ``detect=False`` classifies the whole image even where the classifier has a detector.
         """
         try:
             image = self.load_image(item, name)
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
-        if self.detector is None:
+        if self.detector is None or not detect:
             return [(Prediction(name), self.model.inputs(image, None, None))]
         found = detect_faces(image, self.detector)
         if not found:
