@@ -1,26 +1,31 @@
 """Using a trained model: ``Classifier.from_checkpoint(path).predict(images)``."""
 from __future__ import annotations
 
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .detect import FaceDetector, detect_faces
-from .images import BadImage, face_array, open_rgb
+from .detect import MAX_SIDE, FaceDetector, detect_faces
+from .images import BadImage, face_array, open_rgb, open_rgb_reduced
 from .io import UserError
 from .metrics import apply_temperature
 from .model import build_model
+from .onnx_model import OnnxModule
 from .runtime import autocast, resolve_device, resolve_precision
 from .transforms import eval_batch
 
 # the model trained on all three corpora that ships with the package (see MODEL_CARD.md)
 BUNDLED_MODEL = Path(__file__).parent / "weights" / "facegender-resnet18.safetensors"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+BACKENDS = ("torch", "onnxruntime")  # what runs the model's forward pass; an .onnx file implies onnxruntime
 
 
 @dataclass
@@ -60,17 +65,31 @@ class Classifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                        **options) -> "Classifier":
-        """A run directory or .safetensors file; None means the bundled model."""
+                        backend: str = "torch", **options) -> "Classifier":
+        """A run directory, .safetensors or .onnx file; None means the bundled model."""
+        if path is not None and Path(path).suffix == ".onnx":
+            if backend != "onnxruntime":
+                raise UserError(f"{path}: an ONNX file runs with the onnxruntime backend (--backend onnxruntime)")
+            model, meta = OnnxModule.load(path)
+            return cls(model, meta, device, "fp32", **options)
         tensors, meta = checkpoint.load(bundled_model() if path is None else checkpoint.resolve(path))
-        return cls.from_state(checkpoint.model_state(tensors), meta, device, precision, **options)
+        return cls.from_state(checkpoint.model_state(tensors), meta, device, precision, backend=backend, **options)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
-                   **options) -> "Classifier":
-        """Model weights (any float dtype; computed in float32 or the chosen precision) and their metadata."""
+                   backend: str = "torch", **options) -> "Classifier":
+        """Model weights (any float dtype; computed in float32 or the chosen precision) and their metadata.
+
+        ``backend="onnxruntime"`` converts the model to ONNX in memory (float32; some seconds) and runs that.
+        """
+        if backend not in BACKENDS:
+            raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
         model = build_model("none", meta["config"]["dropout"])
         model.load_state_dict({k: v.float() for k, v in state.items()})
+        if backend == "onnxruntime":
+            from .onnx_model import to_onnx
+
+            model, precision = OnnxModule(to_onnx(model, meta)), "fp32"
         return cls(model, meta, device, precision, **options)
 
     @torch.no_grad()
@@ -94,12 +113,20 @@ class Classifier:
         """Paths, PIL images or H x W x 3 uint8 arrays in; one Prediction per face (in order) out."""
         return list(self.iter_predict(images, batch_size))
 
-    def iter_predict(self, images: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
-        """Like ``predict``, streaming: at most ``batch_size`` faces are held at a time."""
+    def iter_predict(self, images: Iterable, batch_size: int = 64, workers: int | None = None) -> Iterator[Prediction]:
+        """Like ``predict``, streaming: at most ``batch_size`` faces (plus a few images being decoded) are held.
+
+        ``workers`` threads decode and detect (``faces``) ahead while this one runs the model (``classify``);
+        default: one per CPU, at most 4; 0 does everything in the calling thread.
+        """
+        def faces(job: tuple[int, object]):
+            i, item = job
+            return self.faces(str(item) if isinstance(item, (str, Path)) else f"<image {i}>", item)
+
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
         batch: list[tuple[Prediction, np.ndarray]] = []
-        for i, item in enumerate(images):
-            name = str(item) if isinstance(item, (str, Path)) else f"<image {i}>"
-            for stub, face in self.faces(name, item):
+        for found in _ordered_map(faces, enumerate(images), workers):
+            for stub, face in found:
                 if face is None:  # nothing to classify: keep the output in input order
                     yield from self.classify(batch)
                     batch = []
@@ -118,7 +145,9 @@ class Classifier:
         ``error`` says why). Safe to call from several threads; ``classify`` does the batched model work.
         """
         try:
-            image = self.load_image(item, name)
+            # a big JPEG is decoded at a reduced scale no smaller than what the detector looks at anyway
+            image, scale = (open_rgb_reduced(item, MAX_SIDE) if isinstance(item, (str, Path))
+                            else (self.load_image(item, name), 1.0))
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
         if self.detector is None:
@@ -126,7 +155,7 @@ class Classifier:
         found = detect_faces(image, self.detector)
         if not found:
             return [(Prediction(name, faces=0), None)]
-        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box)),
+        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
                  face_array(image, box, self.size))
                 for k, (face, box) in enumerate(found, start=1)]
 
@@ -148,6 +177,25 @@ class Classifier:
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise TypeError(f"expected a path, a PIL image or an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
         return Image.fromarray(array)
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead_per_worker: int = 4) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, in order, with at most a few items in flight per thread."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="facegender-faces") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= workers * ahead_per_worker:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (an error, or the consumer let go): do not decode what nobody will read
+            for future in pending:
+                future.cancel()
 
 
 def bundled_model() -> Path:
