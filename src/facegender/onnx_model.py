@@ -101,7 +101,7 @@ def read_meta(model_bytes: bytes, name: str) -> dict:
     except ImportError:
         raise UserError(f"{name}: reading ONNX files needs onnx: {INSTALL_HINT}") from None
     try:
-        proto = onnx.load_model_from_string(model_bytes, load_external_data=False)
+        proto = onnx.load_model_from_string(model_bytes)
     except Exception as e:  # protobuf's decode errors have no common base worth naming
         raise UserError(f"{name}: not a readable ONNX file ({e.__class__.__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
@@ -132,7 +132,8 @@ class OnnxModule(nn.Module):
         if not path.is_file():
             raise UserError(f"{path}: no such ONNX file")
         data = path.read_bytes()
-        return cls(data), read_meta(data, str(path))
+        meta = read_meta(data, str(path))
+        return cls(data), meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(x.detach().float().cpu().numpy())  # ONNX wants plain NCHW, not channels-last
