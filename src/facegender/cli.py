@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label images",
                        description="Print label, confidence and P(male) per image as JSON lines or CSV.")
     p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
-                   help="optionally a checkpoint first (run dir or .safetensors), then images or folders")
+                   help="optionally a checkpoint first (run dir, .safetensors or .onnx), then images or folders")
     p.add_argument("--model", help="checkpoint, instead of giving it first (default: the bundled model)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", help="write to this file instead of standard output")

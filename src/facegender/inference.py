@@ -18,7 +18,7 @@ from .images import BadImage, face_array, open_rgb, open_rgb_reduced
 from .io import UserError
 from .metrics import apply_temperature
 from .model import build_model
-from .onnx_model import OnnxModule
+from .onnx_model import OnnxModule, to_onnx
 from .runtime import autocast, resolve_device, resolve_precision
 from .transforms import eval_batch
 
@@ -87,8 +87,6 @@ class Classifier:
         model = build_model("none", meta["config"]["dropout"])
         model.load_state_dict({k: v.float() for k, v in state.items()})
         if backend == "onnxruntime":
-            from .onnx_model import to_onnx
-
             model, precision = OnnxModule(to_onnx(model, meta)), "fp32"
         return cls(model, meta, device, precision, **options)
 
