@@ -47,6 +47,7 @@ train-demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/infer_throughput.py
+	$(PY) benchmarks/photo_throughput.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

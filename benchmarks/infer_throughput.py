@@ -1,27 +1,32 @@
-"""Inference images/s at batch 1 and at a large batch: fp32 eager against the fastest path, in one run.
+"""Model inference, crops/s at batch 1 and batch 64 (``--batch``), for every backend and precision, side by side in one run.
 
-Real UTKFace faces, decoded once; each timing covers normalisation and the model (what
-``Classifier.logits`` does for every batch), after a warm-up. Usage:
-    python benchmarks/infer_throughput.py --images 512 --seconds 10
+The bundled models on real UTKFace faces (decoded once into uint8 crops: 128x128 for the ResNet18,
+150x150 chips for the descriptor head); each timing covers what ``Classifier.logits`` does for a batch
+(normalisation and the forward pass; for the descriptor head, dlib's network in PyTorch and the head),
+after a warm-up. Runs: ResNet18 in torch fp32, torch bf16 (on CPUs with native bf16) and onnxruntime fp32
+(the graph ``facegender export`` writes), and the default descriptor head (torch fp32).
+Usage:
+    python benchmarks/infer_throughput.py [--images 256] [--seconds 6]
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import matmul_tflops, utkface_samples
+from common import SHARED, matmul_tflops
 from facegender.images import load_faces
 from facegender.inference import Classifier
-from facegender.model import build_model
+from facegender.runtime import cpu_has_bf16
 
 FORWARD_GFLOP = 1.19  # ResNet18 at 128 px: 0.595 G multiply-adds per image
 
 
 def rate(clf: Classifier, faces: np.ndarray, batch: int, seconds: float) -> float:
-    batches = [torch.from_numpy(faces[i:i + batch]) for i in range(0, len(faces) - batch + 1, batch)]
+    batches = [faces[i:i + batch] for i in range(0, len(faces) - batch + 1, batch)]
     for b in batches[:2]:
         clf.logits(b)
     seen, start = 0, time.perf_counter()
@@ -36,33 +41,44 @@ def rate(clf: Classifier, faces: np.ndarray, batch: int, seconds: float) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=10, help="timed seconds per configuration")
-    parser.add_argument("--batch", type=int, default=256, help="the large batch size")
-    parser.add_argument("--compile", action="store_true", help="also try torch.compile on the fastest precision")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=6, help="timed seconds per configuration and batch size")
+    parser.add_argument("--batch", type=int, default=64, help="the large batch size")
+    parser.add_argument("--compile", action="store_true", help="also try torch.compile on the fastest torch precision")
     args = parser.parse_args()
-    _, samples = utkface_samples(args.images, split="test")
-    faces, _ = load_faces([(s.path, None) for s in samples], 128, workers=2)
-    meta = {"classes": ["female", "male"], "preprocessing": {"image_size": 128}, "threshold": 0.5}
-    model = build_model("none")
-    fastest = "bf16" if Classifier(model, meta, precision="auto").precision == "bf16" else "fp32"
-    peak = matmul_tflops(torch.bfloat16 if fastest == "bf16" else torch.float32)
-    print(f"{len(faces)} faces, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{fastest} matmul peak {peak:.2f} TFLOP/s = {peak * 1e3 / FORWARD_GFLOP:.0f} img/s forward ceiling", flush=True)
+    paths = sorted((SHARED / "utkface").glob("*.jpg"))[::50][:args.images]
+    if not paths:
+        raise SystemExit(f"benchmark: no UTKFace images at {SHARED / 'utkface'}")
+    crops = {size: load_faces([(p, None) for p in paths], size)[0] for size in (128, 150)}
+    peak = matmul_tflops(torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    print(f"{len(paths)} faces, torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak "
+          f"{peak:.2f} TFLOP/s = {peak * 1e3 / FORWARD_GFLOP:.0f} crops/s forward ceiling", flush=True)
+    configs = {"torch fp32": dict(precision="fp32")}
+    if cpu_has_bf16():
+        configs["torch bf16"] = dict(precision="bf16")
+    if args.compile:
+        configs["torch compiled"] = dict(precision="bf16" if cpu_has_bf16() else "fp32")
+    configs["onnxruntime fp32"] = dict(backend="onnxruntime")
+    configs["descriptor fp32"] = dict(precision="fp32")
     results = {}
-    configs = [("fp32", False), (fastest, False)] + ([(fastest, True)] if args.compile else [])
-    for precision, compile_ in configs:
-        clf = Classifier(build_model("none"), meta, precision=precision)
-        if compile_:
-            clf.model = torch.compile(clf.model)
+    for name, options in configs.items():
+        model = "descriptor" if name.startswith("descriptor") else "resnet18"
+        clf = Classifier.from_checkpoint(model, detect=False, **options)
+        if name == "torch compiled":
+            clf.model.network = torch.compile(clf.model.network)
         for batch in (1, args.batch):
-            r = rate(clf, faces, batch, args.seconds)
-            results[(precision, compile_, batch)] = r
-            print(f"{precision:4s} compile={compile_!s:5s} batch {batch:4d}: {r:7.1f} img/s", flush=True)
-    best = max((k for k in results if k[2] == args.batch), key=results.get)
-    best1 = max((k for k in results if k[2] == 1), key=results.get)
-    print(f"inference: {results[best]:.0f} img/s batched, {results[best1]:.0f} img/s batch-1 "
-          f"(fp32 eager {results[('fp32', False, args.batch)]:.0f} img/s)")
+            results[name, batch] = rate(clf, crops[150 if model == "descriptor" else 128], batch, args.seconds)
+            print(f"{name:18s} batch {batch:3d}: {results[name, batch]:7.1f} crops/s "
+                  f"({1000 / results[name, batch]:6.2f} ms per batch-1 call)" if batch == 1 else
+                  f"{name:18s} batch {batch:3d}: {results[name, batch]:7.1f} crops/s", flush=True)
+    big = args.batch
+    resnets = [n for n in configs if not n.startswith("descriptor")]
+    best = max(resnets, key=lambda n: results[n, big])
+    best1 = max(resnets, key=lambda n: results[n, 1])
+    fp32 = results["torch fp32", big]
+    print(f"inference: {results[best, big]:.0f} crops/s at batch {big} ({best}, {results[best, big] / fp32:.2f}x torch fp32), "
+          f"batch-1 latency {1000 / results[best1, 1]:.1f} ms ({best1}); descriptor head "
+          f"{results['descriptor fp32', big]:.0f} faces/s at batch {big}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_model
 
-    export_model(args.checkpoint, args.out, dtype=args.dtype, check=args.check, tolerance=args.tolerance)
+    export_model(args.checkpoint, args.out, dtype=args.dtype, check=args.check, tolerance=args.tolerance,
+                 fmt=args.format)
     return 0
 
 
@@ -88,7 +89,7 @@ def cmd_serve(args) -> int:
 
 def _is_checkpoint(path: str) -> bool:
     p = Path(path)
-    return p.suffix == ".safetensors" or (p.is_dir() and (p / "best.safetensors").is_file())
+    return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
 
 
 def cmd_predict(args) -> int:
@@ -100,7 +101,8 @@ def cmd_predict(args) -> int:
         model = inputs.pop(0)
     if not inputs:
         raise UserError("predict: no images given")
-    clf = Classifier.from_checkpoint(model, device=args.device, detect=not args.no_detect,
+    backend = args.backend or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
+    clf = Classifier.from_checkpoint(model, device=args.device, backend=backend, detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -111,7 +113,7 @@ def cmd_predict(args) -> int:
         # a bar for runs worth watching, on a terminal (tqdm's None) that the rows are not printed to
         watch = len(files) >= 10 and (args.output or not sys.stdout.isatty())
         progress = tqdm(files, desc="predict", unit="file", disable=None if watch else True)
-        for pred in clf.iter_predict(progress, batch_size=args.batch_size):
+        for pred in clf.iter_predict(progress, batch_size=args.batch_size, workers=args.workers):
             row = pred.to_dict()
             if pred.error:
                 failures += 1
@@ -228,13 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label images",
                        description="Print label, confidence and P(male) per image as JSON lines or CSV.")
     p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
-                   help="optionally a checkpoint first (run dir or .safetensors), then images or folders")
+                   help="optionally a checkpoint first (run dir, .safetensors or .onnx), then images or folders")
     p.add_argument("--model", help="checkpoint, instead of giving it first, or a bundled model: descriptor (the "
                                    "default: a head on dlib face descriptors) or resnet18 (the reference network)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", help="write to this file instead of standard output")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="what runs the model (default: onnxruntime for an .onnx model, torch otherwise); "
+                        "onnxruntime converts a .safetensors model to ONNX first")
+    p.add_argument("--workers", type=int, help="threads decoding and detecting faces while the model runs "
+                   "(default: one per CPU, at most 4; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
@@ -242,13 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",
-                       description="Write the weights and metadata of a checkpoint without its training state.")
+                       description="Write the weights and metadata of a checkpoint without its training state: "
+                                   "a .safetensors checkpoint, or an ONNX graph (float32, any batch size).")
     p.add_argument("checkpoint", help="run directory or .safetensors file")
-    p.add_argument("out", help="the .safetensors file to write (its metadata is also written beside it as .json)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("out", help="the file to write: .safetensors (its metadata is also written beside it as .json) or .onnx")
+    p.add_argument("--format", choices=["safetensors", "onnx"], help="default: from the suffix of OUT")
+    p.add_argument("--dtype", choices=["float16", "float32"],
+                   help="safetensors: float16 (default) or float32; ONNX is always float32")
     p.add_argument("--check", nargs="+", metavar="DATA",
-                   help="prepared datasets: keep float16 only if it changes no test-split P(male) by more than --tolerance")
-    p.add_argument("--tolerance", type=float, default=1e-3)
+                   help="prepared datasets: safetensors: keep float16 only if it changes no test-split P(male) by "
+                        "more than --tolerance; onnx: refuse to write a graph that does")
+    p.add_argument("--tolerance", type=float, help="in P(male); default 1e-3 (float16), 1e-4 (onnx)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP API and web page",

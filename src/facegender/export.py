@@ -1,4 +1,5 @@
-"""Shipping a model: a weights-only checkpoint, in half precision when that leaves predictions unchanged."""
+"""Shipping a model: a weights-only checkpoint, in half precision when that leaves predictions unchanged,
+or an ONNX graph that gives the same predictions as PyTorch in float32."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,13 @@ import torch
 
 from . import checkpoint
 from .data import load_samples_many
+from .facemodels import kind_of
 from .inference import Classifier
+from .io import UserError, atomic_path
+from .onnx_model import OPSET, OnnxModule, to_onnx, with_meta
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
 
 
 def probabilities(state: dict[str, torch.Tensor], meta: dict, samples) -> np.ndarray:
@@ -24,13 +29,22 @@ def _corpus_name(data: str) -> str:
     return path.parent.name if path.name == "manifest.csv" else path.name
 
 
-def export_model(source: str | Path, out: str | Path, dtype: str = "float16", check: list[str] | None = None,
-                 tolerance: float = 1e-3, log=print) -> dict:
+def export_model(source: str | Path, out: str | Path, dtype: str | None = None, check: list[str] | None = None,
+                 tolerance: float | None = None, log=print, fmt: str | None = None) -> dict:
     """Write the model of ``source`` (a run directory or checkpoint) to ``out`` without the training state.
 
-    With ``check`` (prepared datasets), predictions on their test splits are compared between the fp32
-    weights and the ``dtype`` weights; beyond ``tolerance`` in probability the fp32 weights are written.
+    The format is ``fmt`` or, without it, the suffix of ``out``. With ``check`` (prepared datasets),
+    predictions on their test splits are compared with those of the fp32 PyTorch model: beyond
+    ``tolerance`` in probability a safetensors export falls back to fp32 weights, an ONNX export stops.
     """
+    fmt = fmt or FORMATS.get(Path(out).suffix)
+    if fmt is None:
+        raise UserError(f"{out}: say which format to write: name it .safetensors or .onnx, or add --format")
+    if fmt == "onnx":
+        if dtype not in (None, "float32"):
+            raise UserError(f"--dtype {dtype}: ONNX export writes float32 only")
+        return export_onnx(source, out, check, 1e-4 if tolerance is None else tolerance, log)
+    dtype, tolerance = dtype or "float16", 1e-3 if tolerance is None else tolerance
     path = checkpoint.resolve(source)
     tensors, meta = checkpoint.load(path)
     weights = {k: v.float() for k, v in checkpoint.model_state(tensors).items()}
@@ -52,4 +66,35 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "float16", ch
     heads = {k: v.float() for k, v in tensors.items() if k.startswith("head.")}
     checkpoint.save(Path(out), {f"model.{k}": v for k, v in stored.items()} | heads, meta)
     log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, {report['dtype']})")
+    return report
+
+
+def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = None, tolerance: float = 1e-4,
+                log=print) -> dict:
+    """Write the model of ``source`` as an ONNX graph (see ``onnx_model``); with ``check``, only if
+    onnxruntime's P(male) on the datasets' test splits stays within ``tolerance`` of PyTorch's in fp32."""
+    path = checkpoint.resolve(source)
+    tensors, meta = checkpoint.load(path)
+    weights = {k: v.float() for k, v in checkpoint.model_state(tensors).items()}
+    if kind_of(meta) != "resnet18":
+        raise UserError(f"{path}: ONNX export covers ResNet18 checkpoints; this one is of kind {kind_of(meta)!r}")
+    clf = Classifier.from_state(weights, meta, device="cpu", precision="fp32", detect=False)
+    meta = meta | {"data": [_corpus_name(d) for d in meta.get("data", [])]}
+    report = {"format": "onnx", "dtype": "float32", "from": path.name}
+    data = to_onnx(clf.model.network, meta | {"export": report})
+    if check:
+        samples = load_samples_many(check, "test")
+        full = clf.probabilities(clf.model.dataset_logits(samples)[0])
+        clf.model.network = OnnxModule(data)
+        diff = np.abs(clf.probabilities(clf.model.dataset_logits(samples)[0]) - full)
+        log(f"onnxruntime vs PyTorch float32 on {len(diff)} test images: largest difference in P(male) {diff.max():.2e}")
+        if diff.max() > tolerance:
+            raise UserError(f"{out}: not written: the ONNX graph moves P(male) by {diff.max():.2e}, "
+                            f"more than --tolerance {tolerance:g}")
+        report |= {"checked_images": int(len(diff)), "max_probability_difference": float(diff.max()),
+                   "tolerance": tolerance}
+        data = with_meta(data, meta | {"export": report})
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, float32 ONNX, opset {OPSET})")
     return report

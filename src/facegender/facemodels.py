@@ -52,7 +52,9 @@ class ResNetModel:
 
     @torch.no_grad()
     def logits(self, inputs) -> np.ndarray:
-        batch = inputs if torch.is_tensor(inputs) else torch.from_numpy(np.stack(list(inputs)))
+        if not torch.is_tensor(inputs):
+            inputs = torch.from_numpy(inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs)))
+        batch = inputs
         x = eval_batch(batch.to(self.device))
         with autocast(self.device, self.precision):
             out = self.network(x).squeeze(1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import multiprocessing
 import os
 import warnings
@@ -86,11 +87,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully into an upright 8-bit RGB image, or raise BadImage saying why not."""
+    return open_rgb_reduced(path, None)[0]
+
+
+def open_rgb_reduced(path: str | os.PathLike, min_side: int | None) -> tuple[Image.Image, float]:
+    """``open_rgb``, but a JPEG whose longer side exceeds twice ``min_side`` is decoded at 1/2, 1/4 or 1/8
+    scale (libjpeg skips the detail while decoding: several times faster than decoding it all and
+    shrinking), the longer side kept at least ``min_side``. Also returns the factor from the decoded
+    image's pixels to the file's.
+    """
     with _decoding(path):
         if os.path.getsize(path) == 0:
             raise BadImage(path, "empty file")
         with Image.open(path) as img:
-            return _loaded_rgb(img)
+            return _loaded_rgb(img, min_side)
 
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:
@@ -99,12 +109,16 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
         if not data:
             raise BadImage(name, "empty file")
         with Image.open(io.BytesIO(data)) as img:
-            return _loaded_rgb(img)
+            return _loaded_rgb(img, None)[0]
 
 
-def _loaded_rgb(img: Image.Image) -> Image.Image:
+def _loaded_rgb(img: Image.Image, min_side: int | None) -> tuple[Image.Image, float]:
+    full = max(img.size)
+    if min_side and img.format == "JPEG" and full > 2 * min_side:
+        k = min_side / full
+        img.draft("RGB", (math.ceil(img.width * k), math.ceil(img.height * k)))
     img.load()  # decode now, so a truncated file fails here rather than later
-    return _to_rgb(ImageOps.exif_transpose(img))
+    return _to_rgb(ImageOps.exif_transpose(img)), full / max(img.size)
 
 
 def check_image(data: bytes, name: str) -> None:

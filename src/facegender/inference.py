@@ -1,20 +1,24 @@
 """Using a trained model: ``Classifier.from_checkpoint(path).predict(images)``."""
 from __future__ import annotations
 
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint
-from .detect import FaceDetector, detect_faces
-from .facemodels import build_face_model, kind_of
-from .images import BadImage, open_rgb
+from .detect import MAX_SIDE, FaceDetector, detect_faces
+from .facemodels import ResNetModel, build_face_model, kind_of
+from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
 from .metrics import apply_temperature
+from .onnx_model import OnnxModule, to_onnx
 
 # the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.safetensors"
@@ -22,6 +26,7 @@ BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.
 DEFAULT_MODEL = "descriptor"  # the best on faces from corpora it never saw (MODEL_CARD.md, leave-one-corpus-out)
 BUNDLED_MODEL = BUNDLED_MODELS[DEFAULT_MODEL]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+BACKENDS = ("torch", "onnxruntime")  # what runs the model's forward pass; an .onnx file implies onnxruntime
 
 
 @dataclass
@@ -62,10 +67,23 @@ class Classifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                        **options) -> "Classifier":
-        """A run directory or .safetensors file, or the name of a bundled model; None means the default one."""
+                        backend: str = "torch", **options) -> "Classifier":
+        """A run directory, a .safetensors or .onnx file, or the name of a bundled model; None means the
+        default one. ``backend="onnxruntime"`` runs a ResNet18 (alone or in an ensemble) as an ONNX graph,
+        converted in memory (float32; some seconds) unless the file is one already."""
+        if backend not in BACKENDS:
+            raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if path is not None and Path(path).suffix == ".onnx":
+            if backend != "onnxruntime":
+                raise UserError(f"{path}: an ONNX file runs with the onnxruntime backend (--backend onnxruntime)")
+            network, meta = OnnxModule.load(path)
+            size = int(meta["preprocessing"]["image_size"])
+            return cls(ResNetModel(network, size, torch.device("cpu"), "fp32"), meta, **options)
         tensors, meta = checkpoint.load(model_path(path))
-        return cls(build_face_model(tensors, meta, device, precision), meta, **options)
+        model = build_face_model(tensors, meta, device, precision)
+        if backend == "onnxruntime":
+            _run_resnet_on_onnxruntime(model, meta)
+        return cls(model, meta, **options)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
@@ -92,12 +110,20 @@ class Classifier:
         """Paths, PIL images or H x W x 3 uint8 arrays in; one Prediction per face (in order) out."""
         return list(self.iter_predict(images, batch_size))
 
-    def iter_predict(self, images: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
-        """Like ``predict``, streaming: at most ``batch_size`` faces are held at a time."""
+    def iter_predict(self, images: Iterable, batch_size: int = 64, workers: int | None = None) -> Iterator[Prediction]:
+        """Like ``predict``, streaming: at most ``batch_size`` faces (plus a few images being decoded) are held.
+
+        ``workers`` threads decode and detect (``faces``) ahead while this one runs the model (``classify``);
+        default: one per CPU, at most 4; 0 does everything in the calling thread.
+        """
+        def faces(job: tuple[int, object]):
+            i, item = job
+            return self.faces(str(item) if isinstance(item, (str, Path)) else f"<image {i}>", item)
+
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
         batch: list[tuple[Prediction, np.ndarray]] = []
-        for i, item in enumerate(images):
-            name = str(item) if isinstance(item, (str, Path)) else f"<image {i}>"
-            for stub, face in self.faces(name, item):
+        for found in _ordered_map(faces, enumerate(images), workers):
+            for stub, face in found:
                 if face is None:  # nothing to classify: keep the output in input order
                     yield from self.classify(batch)
                     batch = []
@@ -117,7 +143,9 @@ class Classifier:
         ``detect=False`` classifies the whole image even where the classifier has a detector.
         """
         try:
-            image = self.load_image(item, name)
+            # a big JPEG is decoded at a reduced scale no smaller than what the detector looks at anyway
+            image, scale = (open_rgb_reduced(item, MAX_SIDE) if isinstance(item, (str, Path))
+                            else (self.load_image(item, name), 1.0))
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
         if self.detector is None or not detect:
@@ -125,7 +153,7 @@ class Classifier:
         found = detect_faces(image, self.detector)
         if not found:
             return [(Prediction(name, faces=0), None)]
-        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v, 1) for v in face.box)),
+        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
                  self.model.inputs(image, face, box))
                 for k, (face, box) in enumerate(found, start=1)]
 
@@ -149,12 +177,39 @@ class Classifier:
         return Image.fromarray(array)
 
 
+def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead_per_worker: int = 4) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, in order, with at most a few items in flight per thread."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="facegender-faces") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= workers * ahead_per_worker:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (an error, or the consumer let go): do not decode what nobody will read
+            for future in pending:
+                future.cancel()
+
+
 def bundled_model(name: str = DEFAULT_MODEL) -> Path:
     path = BUNDLED_MODELS[name]
     if not path.is_file():
         raise UserError(f"the bundled model {path} is missing from this install; "
                         "reinstall facegender, or pass a checkpoint (a run directory or .safetensors file)")
     return path
+
+
+def _run_resnet_on_onnxruntime(model, meta: dict) -> None:
+    """Swap the ResNet18 of ``model`` (itself, or an ensemble's member) for its ONNX graph on onnxruntime."""
+    resnet = model if isinstance(model, ResNetModel) else getattr(model, "resnet", None)
+    if resnet is None:
+        raise UserError(f"--backend onnxruntime runs ResNet18 models; a {kind_of(meta)} model runs with torch")
+    resnet.network, resnet.precision = OnnxModule(to_onnx(resnet.network, meta)), "fp32"
 
 
 def model_path(model: str | Path | None) -> Path:

@@ -1,0 +1,131 @@
+"""ONNX export of the bundled model and the onnxruntime backend, checked against PyTorch on real faces."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from conftest import shared
+from facegender.cli import main
+from facegender.export import export_model
+from facegender.inference import BUNDLED_MODEL, Classifier
+from facegender.io import UserError
+from facegender.transforms import eval_batch
+
+import torch
+
+
+@pytest.fixture(scope="module")
+def check_data(tmp_path_factory):
+    """A tiny prepared-layout dataset of real faces for ``export --check``."""
+    data = tmp_path_factory.mktemp("check")
+    for cls in ("female", "male"):
+        (data / "test" / cls).mkdir(parents=True)
+        for i, p in enumerate(real_faces()[:4]):
+            Image.open(p).convert("RGB").save(data / "test" / cls / f"{i}.png")
+    return data
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory, check_data):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert main(["export", str(BUNDLED_MODEL), str(out), "--check", str(check_data)]) == 0
+    return out
+
+
+def real_faces() -> list:
+    """Faces of all three corpora, in their own framings (the model's input is a whole image here)."""
+    picks = [sorted(shared("utkface").glob("*.jpg"))[::1500], sorted((shared("celeba") / "img").glob("*.jpg"))[::1100],
+             sorted((shared("scut_fbp5500") / "img").glob("*.jpg"))[::350]]
+    return [p for paths in picks for p in paths]
+
+
+def test_the_graph_carries_the_contract_and_any_batch_size(onnx_file):
+    model = onnx.load(str(onnx_file))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = json.loads(props["facegender"])
+    assert meta["classes"] == ["female", "male"] and json.loads(props["classes"]) == meta["classes"]
+    assert int(props["image_size"]) == 128 and json.loads(props["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(props["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert float(props["threshold"]) == 0.5 and float(props["temperature"]) == pytest.approx(meta["temperature"])
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch size
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        logit, p_male = session.run(None, {"input": np.zeros((n, 3, 128, 128), np.float32)})
+        assert logit.shape == p_male.shape == (n, 1)
+
+
+def test_onnxruntime_matches_pytorch_fp32_on_real_faces(onnx_file):
+    images = real_faces()
+    assert len(images) >= 30
+    torch_clf = Classifier.from_checkpoint("resnet18", precision="fp32", detect=False)
+    onnx_clf = Classifier.from_checkpoint(onnx_file, backend="onnxruntime", detect=False)
+    expected = np.array([p.p_male for p in torch_clf.predict(images)])
+    got = np.array([p.p_male for p in onnx_clf.predict(images, batch_size=7)])
+    assert np.abs(got - expected).max() <= 1e-4
+    assert 0.05 < (expected >= 0.5).mean() < 0.95  # real faces of both kinds, not one saturated answer
+    # the graph's own calibrated output, as a user without facegender would read it
+    batch = eval_batch(torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128),
+                                                  Image.BILINEAR)) for p in images]))).contiguous().numpy()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    p_male = session.run(["p_male"], {"input": batch})[0][:, 0]
+    assert np.abs(p_male - expected).max() <= 1e-4
+
+
+def test_predict_with_the_onnx_file_gives_pytorchs_answers(onnx_file, tmp_path):
+    from skimage.data import astronaut
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    rows = {}
+    for name, args in {"torch": [], "onnx": [str(onnx_file)]}.items():
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", *args, str(photo), "--format", "csv", "--output", str(out)]) == 0
+        rows[name] = list(csv.DictReader(out.open()))
+    assert len(rows["onnx"]) == len(rows["torch"]) == 1
+    (t,), (o,) = rows["torch"], rows["onnx"]
+    assert o["label"] == t["label"] == "female" and o["box"] == t["box"]
+    # the torch backend runs bf16 on CPUs that have it, so the two agree to bf16's precision here
+    assert abs(float(o["p_male"]) - float(t["p_male"])) < 0.02
+
+
+def test_the_backend_switch_converts_a_checkpoint_in_memory():
+    faces = real_faces()[:6]
+    onnx_clf = Classifier.from_checkpoint("resnet18", backend="onnxruntime", detect=False)
+    torch_clf = Classifier.from_checkpoint("resnet18", precision="fp32", detect=False)
+    assert onnx_clf.precision == "fp32"
+    got = [p.p_male for p in onnx_clf.predict(faces)]
+    assert np.abs(np.array(got) - [p.p_male for p in torch_clf.predict(faces)]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", str(BUNDLED_MODEL), "{tmp}/model.bin"], "name it .safetensors or .onnx"),
+    (["export", str(BUNDLED_MODEL), "{tmp}/model.onnx", "--dtype", "float16"], "float32 only"),
+    (["predict", "{tmp}/missing.onnx", "x.jpg"], "no such ONNX file"),
+    (["predict", "--backend", "torch", "--model", "{tmp}/model.onnx", "x.jpg"], "onnxruntime backend"),
+    (["predict", "{tmp}/fake.onnx", "x.jpg"], "not a readable ONNX file"),
+])
+def test_mistakes_get_one_line_and_no_file(args, message, tmp_path, capsys):
+    (tmp_path / "fake.onnx").write_bytes(b"not a protobuf at all")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "model.bin").exists() and not (tmp_path / "model.onnx").exists()
+
+
+def test_export_check_records_parity_and_refuses_a_graph_beyond_the_tolerance(onnx_file, check_data, tmp_path):
+    meta = json.loads({p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["facegender"])
+    assert meta["export"]["checked_images"] == 8 and meta["export"]["max_probability_difference"] <= 1e-4
+    bundled = json.loads(BUNDLED_MODEL.with_suffix(".json").read_text())
+    assert meta["export"]["format"] == "onnx" and meta["temperature"] == bundled["temperature"]
+    # zero tolerance: float32 in another runtime is never bit-identical, so the check must refuse
+    with pytest.raises(UserError, match="not written"):
+        export_model(BUNDLED_MODEL, tmp_path / "m.onnx", check=[str(check_data)], tolerance=0.0, log=lambda *_: None)
+    assert not (tmp_path / "m.onnx").exists()
