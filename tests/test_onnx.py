@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import shared
 from facegender.cli import main
 from facegender.export import export_model
-from facegender.inference import BUNDLED_MODEL, Classifier
+from facegender.inference import BUNDLED_MODELS, Classifier
 from facegender.io import UserError
 from facegender.transforms import eval_batch
 
@@ -34,7 +34,7 @@ def check_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory, check_data):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert main(["export", str(BUNDLED_MODEL), str(out), "--check", str(check_data)]) == 0
+    assert main(["export", str(BUNDLED_MODELS["resnet18"]), str(out), "--check", str(check_data)]) == 0
     return out
 
 
@@ -85,7 +85,7 @@ def test_predict_with_the_onnx_file_gives_pytorchs_answers(onnx_file, tmp_path):
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut()).save(photo)
     rows = {}
-    for name, args in {"torch": [], "onnx": [str(onnx_file)]}.items():
+    for name, args in {"torch": ["--model", "resnet18"], "onnx": [str(onnx_file)]}.items():
         out = tmp_path / f"{name}.csv"
         assert main(["predict", *args, str(photo), "--format", "csv", "--output", str(out)]) == 0
         rows[name] = list(csv.DictReader(out.open()))
@@ -100,14 +100,14 @@ def test_the_backend_switch_converts_a_checkpoint_in_memory():
     faces = real_faces()[:6]
     onnx_clf = Classifier.from_checkpoint("resnet18", backend="onnxruntime", detect=False)
     torch_clf = Classifier.from_checkpoint("resnet18", precision="fp32", detect=False)
-    assert onnx_clf.precision == "fp32"
+    assert onnx_clf.model.precision == "fp32"
     got = [p.p_male for p in onnx_clf.predict(faces)]
     assert np.abs(np.array(got) - [p.p_male for p in torch_clf.predict(faces)]).max() <= 1e-4
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export", str(BUNDLED_MODEL), "{tmp}/model.bin"], "name it .safetensors or .onnx"),
-    (["export", str(BUNDLED_MODEL), "{tmp}/model.onnx", "--dtype", "float16"], "float32 only"),
+    (["export", str(BUNDLED_MODELS["resnet18"]), "{tmp}/model.bin"], "name it .safetensors or .onnx"),
+    (["export", str(BUNDLED_MODELS["resnet18"]), "{tmp}/model.onnx", "--dtype", "float16"], "float32 only"),
     (["predict", "{tmp}/missing.onnx", "x.jpg"], "no such ONNX file"),
     (["predict", "--backend", "torch", "--model", "{tmp}/model.onnx", "x.jpg"], "onnxruntime backend"),
     (["predict", "{tmp}/fake.onnx", "x.jpg"], "not a readable ONNX file"),
@@ -123,9 +123,9 @@ def test_mistakes_get_one_line_and_no_file(args, message, tmp_path, capsys):
 def test_export_check_records_parity_and_refuses_a_graph_beyond_the_tolerance(onnx_file, check_data, tmp_path):
     meta = json.loads({p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["facegender"])
     assert meta["export"]["checked_images"] == 8 and meta["export"]["max_probability_difference"] <= 1e-4
-    bundled = json.loads(BUNDLED_MODEL.with_suffix(".json").read_text())
+    bundled = json.loads(BUNDLED_MODELS["resnet18"].with_suffix(".json").read_text())
     assert meta["export"]["format"] == "onnx" and meta["temperature"] == bundled["temperature"]
     # zero tolerance: float32 in another runtime is never bit-identical, so the check must refuse
     with pytest.raises(UserError, match="not written"):
-        export_model(BUNDLED_MODEL, tmp_path / "m.onnx", check=[str(check_data)], tolerance=0.0, log=lambda *_: None)
+        export_model(BUNDLED_MODELS["resnet18"], tmp_path / "m.onnx", check=[str(check_data)], tolerance=0.0, log=lambda *_: None)
     assert not (tmp_path / "m.onnx").exists()
