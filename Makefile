@@ -42,6 +42,7 @@ train-demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/infer_throughput.py
+	$(PY) benchmarks/descriptor_throughput.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
