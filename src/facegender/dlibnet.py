@@ -101,6 +101,18 @@ class DescriptorNet(nn.Module):
         self.eval()
 
     @property
+    def name(self) -> str:
+        """Names its descriptors (facegender.descriptors caches them under it): bf16 ones differ from fp32's."""
+        return f"dlibnet-{self.precision}"
+
+    def __call__(self, chips):
+        """A tensor goes through the module as usual; a numpy array of chips gets ``descriptors``, so the
+        net is a descriptor extractor as facegender.descriptors calls one (chips in, numpy out)."""
+        if isinstance(chips, np.ndarray):
+            return self.descriptors(chips)
+        return super().__call__(chips)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.stem.weight.dtype
 
