@@ -47,11 +47,8 @@ train-demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/infer_throughput.py
-<<<<<<< HEAD
 	$(PY) benchmarks/photo_throughput.py
-=======
 	$(PY) benchmarks/descriptor_throughput.py --threads 1
->>>>>>> dlibport
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
