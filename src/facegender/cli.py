@@ -29,6 +29,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .config import load_config
     from .train import train
 
@@ -36,14 +37,17 @@ def cmd_train(args) -> int:
                  "precision": args.precision, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                  "max_train_images": args.max_train_images, "device": args.device, "workers": args.workers,
                  "freeze_backbone": True if args.freeze_backbone else None,
-                 "compile": True if args.compile else None}
+                 "compile": True if args.compile else None,
+                 "deterministic": True if args.deterministic else None}
     if args.resume:
-        config = load_config(epochs=args.epochs) if args.epochs else None
-        train(config, [], args.out, resume=True)
-        return 0
-    if not args.data:
+        config = load_config(epochs=args.epochs) if args.epochs else None  # the rest is the run's own
+    elif not args.data:
         raise UserError("train: give at least one --data DATASET (a prepared folder, manifest.csv or split folders)")
-    train(load_config(args.config, **overrides), args.data, args.out)
+    else:
+        config = load_config(args.config, **overrides)
+    if distributed.launched():  # one rank of a torchrun job: the same run, its batches shared out
+        return distributed.train(config, args.data, args.out, resume=args.resume)
+    train(config, args.data, args.out, resume=args.resume)
     return 0
 
 
@@ -76,6 +80,8 @@ def cmd_predict(args) -> int:
         model = inputs.pop(0)
     if not inputs:
         raise UserError("predict: no images given")
+    if args.ray:
+        return _predict_ray(args, model, inputs)
     clf = Classifier.from_checkpoint(model, device=args.device, detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
@@ -110,6 +116,18 @@ def cmd_predict(args) -> int:
         if out is not sys.stdout:
             out.close()
     return 1 if failures else 0
+
+
+def _predict_ray(args, model, inputs) -> int:
+    from .batch_ray import predict_ray
+
+    if not args.output:
+        raise UserError("predict --ray: give --output DIR, the folder for the Parquet shards")
+    if args.annotate:
+        raise UserError("predict --ray: --annotate is not available on Ray; run predict without --ray for it")
+    stats = predict_ray(model, inputs, args.output, args.ray, device=args.device, detect=not args.no_detect,
+                        min_confidence=args.min_confidence, batch_size=args.batch_size, workers=args.ray_workers)
+    return 1 if stats["errors"] else 0
 
 
 class Annotator:
@@ -173,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", choices=["fast", "reference"], help="fast: cached uint8 + batched augmentation (default)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_true",
+                   help="repeat bit for bit on a GPU too (deterministic cuDNN/cuBLAS kernels; slower there)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -197,13 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optionally a checkpoint first (run dir or .safetensors), then images or folders")
     p.add_argument("--model", help="checkpoint, instead of giving it first (default: the bundled model)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    p.add_argument("--output", help="write to this file instead of standard output")
+    p.add_argument("--output", help="write to this file instead of standard output (with --ray: a folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
     p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="label on Ray (pip install 'facegender[ray]'): local starts one here, auto joins this "
+                        "machine's cluster, ray://HEAD:10001 a remote one; --output is then a folder of Parquet shards")
+    p.add_argument("--ray-workers", type=int,
+                   help="labelling actors, one model each (default: one per GPU of the cluster, else one per CPU)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",

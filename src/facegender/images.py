@@ -94,6 +94,16 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             return _to_rgb(ImageOps.exif_transpose(img))
 
 
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """``open_rgb`` for a file's bytes already read (by Ray, say); ``name`` is the file the errors name."""
+    with _decoding(name):
+        if not data:
+            raise BadImage(name, "empty file")
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+
+
 def check_image(data: bytes, name: str) -> None:
     """Raise BadImage if ``data`` does not decode; cheap: JPEGs decode at 1/8 scale, which still reads every byte."""
     if not data:
