@@ -92,6 +92,9 @@ class Comm:
         """Make a single-process ``train.Run`` this rank's: DDP around its model."""
         from torch.nn.parallel import DistributedDataParallel
 
+        if run.config.pipeline != "fast":
+            raise UserError("torchrun: --pipeline reference is the one-process baseline and does not shard its data; "
+                            "use the default pipeline (fast) with torchrun")
         run.comm, run.world_size = self, self.world_size
         ids = [self.device.index] if self.device.type == "cuda" else None
         # buffers are synchronised before each evaluation instead of at every forward pass (newer torch
