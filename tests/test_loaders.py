@@ -1,11 +1,14 @@
 import os
+from dataclasses import replace
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from facegender.data import Sample
 from facegender.images import load_face
-from facegender.loaders import cache_dir, cached_images, fast_batches
+from facegender.loaders import cache_dir, cached_images, fast_batches, on_device
 
 
 def _samples(tmp_path, n=6):
@@ -45,3 +48,18 @@ def test_bad_files_are_left_out_of_the_batches(tmp_path):
     assert list(data.bad) == [samples[2].path] and len(data) == 5
     seen = np.concatenate([idx for _, _, idx in fast_batches(data, 4, shuffle=False)])
     assert sorted(seen) == [0, 1, 3, 4, 5]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_device_resident_cache_gives_the_same_batches(tmp_path, device):
+    data = cached_images(_samples(tmp_path, 10), 32)
+    resident = on_device(data, torch.device(device))
+    if device == "cpu":  # the CPU keeps its numpy array; the tensor path is the one a GPU takes
+        assert resident is data
+        resident = replace(data, images=torch.from_numpy(data.images))
+    else:
+        assert torch.is_tensor(resident.images) and resident.images.device.type == "cuda"
+    for (a, ya, ia), (b, yb, ib) in zip(fast_batches(data, 4, True, torch.Generator().manual_seed(0)),
+                                        fast_batches(resident, 4, True, torch.Generator().manual_seed(0))):
+        assert b.device.type == device and np.array_equal(ia, ib) and torch.equal(ya, yb)
+        assert torch.equal(a, b.cpu())

@@ -41,3 +41,22 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     for name in ("best.safetensors", "best.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_deterministic_mode_keeps_the_model_and_can_be_lifted():
+    from facegender.model import build_model
+    from facegender.runtime import GlobalMean, set_deterministic
+
+    torch.manual_seed(0)
+    model = build_model("none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    try:
+        set_deterministic(True, model)
+        assert isinstance(model.avgpool, GlobalMean) and torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)  # same function, same weights
+        assert set(model.state_dict()) == set(build_model("none").state_dict())
+    finally:
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()

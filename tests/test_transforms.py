@@ -73,3 +73,48 @@ def test_augmentation_is_reproducible_from_the_generator(seed):
     a = augment_batch(x, TrainConfig(), torch.Generator().manual_seed(seed))
     b = augment_batch(x, TrainConfig(), torch.Generator().manual_seed(seed))
     assert torch.equal(a, b)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image figures that each augmentation moves: brightness, contrast, the flip, the rotation's corners."""
+    half = batch.shape[-1] // 2
+    return {"mean": batch.mean(dim=(1, 2, 3)), "std": batch.std(dim=(1, 2, 3)),
+            "left-right": batch[..., :half].mean(dim=(1, 2, 3)) - batch[..., half:].mean(dim=(1, 2, 3)),
+            "corner": batch[:, :, :12, :12].mean(dim=(1, 2, 3))}
+
+
+def _reference_draws(image: Image.Image, config: TrainConfig, n: int) -> dict[str, np.ndarray]:
+    from facegender.transforms import reference_train_transform
+
+    torch.manual_seed(0)
+    transform = reference_train_transform(config)
+    return {k: v.numpy() for k, v in _statistics(torch.stack([transform(image) for _ in range(n)])).items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_augmentation_on_the_device_matches_torchvision_in_distribution(device):
+    """The fast pipeline (on the CPU or with the cache on a GPU) draws the reference pipeline's distribution."""
+    from scipy.stats import ks_2samp
+    from skimage.data import astronaut
+
+    from facegender.transforms import train_batch
+
+    image = Image.fromarray(astronaut()).resize((128, 128), Image.BILINEAR)
+    n, config = 400, TrainConfig()
+    reference = _reference_draws(image, config, n)
+    copies = torch.from_numpy(np.array(image)).expand(n, -1, -1, -1).to(device)
+
+    def batched(cfg):
+        out = train_batch(copies, cfg, torch.Generator().manual_seed(1))
+        assert out.device.type == device
+        return {k: v.cpu().numpy() for k, v in _statistics(out.float()).items()}
+
+    fast = batched(config)
+    for name in reference:
+        assert ks_2samp(reference[name], fast[name]).pvalue > 1e-3, name
+    # the comparison can tell distributions apart: twice the brightness range, or no flips, are caught
+    assert ks_2samp(reference["mean"], batched(TrainConfig(brightness=0.5))["mean"]).pvalue < 1e-3
+    assert ks_2samp(reference["left-right"], batched(TrainConfig(hflip=0))["left-right"]).pvalue < 1e-3

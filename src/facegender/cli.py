@@ -29,6 +29,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .config import load_config
     from .train import train
 
@@ -38,26 +39,29 @@ def cmd_train(args) -> int:
                  "freeze_backbone": True if args.freeze_backbone else None,
                  "compile": True if args.compile else None, "label_smoothing": args.label_smoothing,
                  "distill": args.distill, "distill_weight": args.distill_weight,
-                 "distill_temperature": args.distill_temperature}
+                 "distill_temperature": args.distill_temperature,
+                 "deterministic": True if args.deterministic else None}
     if args.resume:
-        config = load_config(epochs=args.epochs) if args.epochs else None
-        train(config, [], args.out, resume=True)
-        return 0
-    if not args.data:
+        config = load_config(epochs=args.epochs) if args.epochs else None  # the rest is the run's own
+    elif not args.data:
         raise UserError("train: give at least one --data DATASET (a prepared folder, manifest.csv or split folders)")
-    config = load_config(args.config, **overrides)
-    if args.kind == "descriptor":
-        from .heads import train_descriptor_head
-
-        train_descriptor_head(config, args.data, args.out)
-    elif args.kind == "ensemble":
-        from .heads import train_ensemble
-
-        train_ensemble(config, args.data, args.out, args.members or [])
     else:
-        if args.members:
-            raise UserError("--members is for --kind ensemble")
-        train(config, args.data, args.out)
+        config = load_config(args.config, **overrides)
+    if args.kind != "resnet18":
+        if args.resume or distributed.launched():
+            raise UserError(f"--kind {args.kind} fits in seconds on one process: no --resume, no torchrun")
+        from .heads import train_descriptor_head, train_ensemble
+
+        if args.kind == "descriptor":
+            train_descriptor_head(config, args.data, args.out)
+        else:
+            train_ensemble(config, args.data, args.out, args.members or [])
+        return 0
+    if args.members:
+        raise UserError("--members is for --kind ensemble")
+    if distributed.launched():  # one rank of a torchrun job: the same run, its batches shared out
+        return distributed.train(config, args.data, args.out, resume=args.resume)
+    train(config, args.data, args.out, resume=args.resume)
     return 0
 
 
@@ -101,6 +105,8 @@ def cmd_predict(args) -> int:
         model = inputs.pop(0)
     if not inputs:
         raise UserError("predict: no images given")
+    if args.ray:
+        return _predict_ray(args, model, inputs)
     backend = args.backend or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
     clf = Classifier.from_checkpoint(model, device=args.device, backend=backend, detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
@@ -136,6 +142,18 @@ def cmd_predict(args) -> int:
         if out is not sys.stdout:
             out.close()
     return 1 if failures else 0
+
+
+def _predict_ray(args, model, inputs) -> int:
+    from .batch_ray import predict_ray
+
+    if not args.output:
+        raise UserError("predict --ray: give --output DIR, the folder for the Parquet shards")
+    if args.annotate:
+        raise UserError("predict --ray: --annotate is not available on Ray; run predict without --ray for it")
+    stats = predict_ray(model, inputs, args.output, args.ray, device=args.device, detect=not args.no_detect,
+                        min_confidence=args.min_confidence, batch_size=args.batch_size, workers=args.ray_workers)
+    return 1 if stats["errors"] else 0
 
 
 class Annotator:
@@ -199,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", choices=["fast", "reference"], help="fast: cached uint8 + batched augmentation (default)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_true",
+                   help="repeat bit for bit on a GPU too (deterministic cuDNN/cuBLAS kernels; slower there)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -234,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint, instead of giving it first, or a bundled model: descriptor (the "
                                    "default: a head on dlib face descriptors) or resnet18 (the reference network)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    p.add_argument("--output", help="write to this file instead of standard output")
+    p.add_argument("--output", help="write to this file instead of standard output (with --ray: a folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["torch", "onnxruntime"],
@@ -246,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
     p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="label on Ray (pip install 'facegender[ray]'): local starts one here, auto joins this "
+                        "machine's cluster, ray://HEAD:10001 a remote one; --output is then a folder of Parquet shards")
+    p.add_argument("--ray-workers", type=int,
+                   help="labelling actors, one model each (default: one per GPU of the cluster, else one per CPU)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",

@@ -46,6 +46,7 @@ class TrainConfig:
     pipeline: str = "fast"  # fast | reference
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
+    deterministic: bool = False  # bit-for-bit repeatable on CUDA too (cuDNN/cuBLAS deterministic kernels)
     device: str = "auto"
     threshold: float = 0.5
     max_train_images: int = 0  # 0 = all; a cap for quick runs

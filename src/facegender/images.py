@@ -121,6 +121,16 @@ def _loaded_rgb(img: Image.Image, min_side: int | None) -> tuple[Image.Image, fl
     return _to_rgb(ImageOps.exif_transpose(img)), full / max(img.size)
 
 
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """``open_rgb`` for a file's bytes already read (by Ray, say); ``name`` is the file the errors name."""
+    with _decoding(name):
+        if not data:
+            raise BadImage(name, "empty file")
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+
+
 def check_image(data: bytes, name: str) -> None:
     """Raise BadImage if ``data`` does not decode; cheap: JPEGs decode at 1/8 scale, which still reads every byte."""
     if not data:

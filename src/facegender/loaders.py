@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +76,34 @@ def cached_images(samples: list[Sample], size: int, workers: int = 2) -> CachedI
     return CachedImages(images, labels, good, bad)
 
 
+def on_device(data: CachedImages, device: torch.device) -> CachedImages:
+    """The cache moved whole onto a GPU, so batches are gathered and augmented there; unchanged on the CPU.
+
+    At 48 KiB a face, all 46,000 faces of the three corpora take 2.3 GB. A cache larger than half the GPU's
+    free memory stays in host memory (batches then travel to the GPU one at a time), with a warning.
+    """
+    if device.type != "cuda" or torch.is_tensor(data.images):
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    if data.images.nbytes > free // 2:
+        warnings.warn(f"the image cache ({data.images.nbytes / 2**30:.1f} GiB) is over half of {device}'s free "
+                      f"memory; it stays in host memory", stacklevel=2)
+        return data
+    return replace(data, images=torch.from_numpy(data.images).to(device))
+
+
 def fast_batches(data: CachedImages, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
-    """Yield (uint8 N x H x W x 3 tensor, int64 labels, indices into the samples)."""
+    """Yield (uint8 N x H x W x 3 tensor on the cache's device, int64 labels, indices into the samples)."""
     order = data.good
     if shuffle:
         order = order[torch.randperm(len(order), generator=generator).numpy()]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield torch.from_numpy(data.images[idx]), torch.from_numpy(data.labels[idx]), idx
+        if torch.is_tensor(data.images):
+            images = data.images[torch.from_numpy(idx).to(data.images.device)]
+        else:
+            images = torch.from_numpy(data.images[idx])
+        yield images, torch.from_numpy(data.labels[idx]), idx
 
 
 class ReferenceDataset(Dataset):

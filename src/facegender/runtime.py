@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+from torch import nn
 
 from .io import UserError
 
@@ -43,3 +45,30 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+
+class GlobalMean(nn.Module):
+    """AdaptiveAvgPool2d(1) as a plain mean, whose CUDA backward is deterministic (the pooling's is flagged not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+def set_deterministic(on: bool, model: nn.Module | None = None) -> None:
+    """Make a seeded run repeat bit for bit on a GPU too (``--deterministic``), or lift that requirement.
+
+    On the CPU the training kernels are deterministic already. On CUDA, cuDNN may pick different
+    convolution algorithms from run to run and some of them, and cuBLAS with its default workspace, add in
+    an unspecified order; torch then raises on any kernel it knows to be non-deterministic.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+        if model is not None:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+                    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+                    setattr(parent, name.rpartition(".")[2], GlobalMean())
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False

@@ -1,6 +1,7 @@
 """The training loop of the reference recipe: Adam, reduce-on-plateau, early stopping, full-state checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,11 +23,11 @@ from .data import Sample, load_samples_many
 from .evaluate import assess, checkpoint_summary
 from .facemodels import build_face_model
 from .io import UserError, write_text
-from .loaders import cached_images, fast_batches, reference_loader
+from .loaders import cached_images, fast_batches, on_device, reference_loader
 from .metrics import fit_temperature, format_report
 from .model import build_model
 from .reports import write_reports
-from .runtime import autocast, grad_scaler, resolve_device, resolve_precision
+from .runtime import autocast, grad_scaler, resolve_device, resolve_precision, set_deterministic
 from .transforms import eval_batch, reference_eval_transform, reference_train_transform, train_batch
 
 
@@ -68,6 +69,13 @@ class Run:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    comm: object = None  # a distributed.Comm under torchrun (it shards, reduces and gathers); None in one process
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and reports: the only one, or rank 0."""
+        return self.comm is None or self.comm.rank == 0
 
 
 def preprocessing_meta(config: TrainConfig) -> dict:
@@ -85,6 +93,7 @@ def checkpoint_meta(run: Run, **extra) -> dict:
         "config": run.config.to_dict(),
         "data": run.data,
         "epoch": run.epoch,
+        "world_size": run.world_size,
         **extra,
     }
 
@@ -121,6 +130,7 @@ def new_run(config: TrainConfig, data: list[str], out: Path) -> Run:
     device = resolve_device(config.device)
     run = Run(config, data, out, device, resolve_precision(config.precision, device))
     run.model = build_model(config.weights, config.dropout, config.freeze_backbone)
+    set_deterministic(config.deterministic, run.model)
     run.model.to(device)
     if config.pipeline == "fast":  # the fast pipeline feeds channels-last batches; the reference one plain NCHW
         run.model.to(memory_format=torch.channels_last)
@@ -159,8 +169,11 @@ class Batches:
         self.run, self.splits = run, splits
         cfg = run.config
         if cfg.pipeline == "fast":
-            self.cached = {name: cached_images(s, cfg.image_size, workers=min(cfg.workers, os.cpu_count() or 1))
-                           for name, s in splits.items()}
+            # under torchrun one process per node decodes, the others then read its cache file
+            with run.comm.node_first() if run.comm else contextlib.nullcontext():
+                self.cached = {name: on_device(cached_images(s, cfg.image_size, min(cfg.workers, os.cpu_count() or 1)),
+                                               run.device)
+                               for name, s in splits.items()}
             for c in self.cached.values():
                 run.skipped.update(c.bad)
         else:
@@ -183,9 +196,13 @@ class Batches:
                     yield x, y, idx
             return
         size = cfg.batch_size if train else 256
-        for images, labels, idx in fast_batches(self.cached[split], size, train, self.run.generator):
-            x = train_batch(images, cfg, self.run.generator) if train else eval_batch(images)
-            yield x, labels, idx
+        comm = self.run.comm
+        for k, (images, labels, idx) in enumerate(fast_batches(self.cached[split], size, train, self.run.generator)):
+            keep = comm.keep(len(idx), k, train) if comm else slice(None)
+            if keep is None:
+                continue
+            x = train_batch(images, cfg, self.run.generator, keep) if train else eval_batch(images[keep])
+            yield x, labels[keep], idx[keep]
 
     def count(self, split: str) -> int:
         if self.run.config.pipeline == "fast":
@@ -245,17 +262,19 @@ def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(total=batches.count("train"), desc=f"epoch {run.epoch + 1}/{run.config.epochs}", unit="img",
-               leave=False, dynamic_ncols=True, mininterval=1.0)
+               leave=False, dynamic_ncols=True, mininterval=1.0, disable=not run.main)
     for x, y, idx in batches("train", train=True):
         loss, right = train_step(run, x, y, loss_fn, scaler, idx)
         n = len(y)
         total_loss += loss * n
         correct += right
         seen += n
-        bar.update(n)
+        bar.update(n * run.world_size)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
                         img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
+    if run.comm:
+        total_loss, correct, seen = run.comm.sum(total_loss, correct, seen)
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
             "images_per_s": seen / seconds, "train_seconds": seconds}
@@ -265,13 +284,18 @@ def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
 def predict_split(run: Run, batches: Batches, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits, labels and sample indices for every readable image of a split."""
     run.model.eval()
+    if run.comm:
+        run.comm.sync_buffers(run.model)
+    net = run.model if run.comm else run.forward  # each rank evaluates its share without the DDP wrapper
     logits, labels, indices = [], [], []
     for x, y, idx in batches(split):
         with autocast(run.device, run.precision):
-            out = run.forward(x.to(run.device)).squeeze(1)
+            out = net(x.to(run.device)).squeeze(1)
         logits.append(out.float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())
         indices.append(np.asarray(idx))
+    if run.comm:
+        logits, labels, indices = run.comm.gather(logits, labels, indices)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy(), np.concatenate(indices)
 
 
@@ -298,8 +322,11 @@ def write_history(run: Run) -> None:
 
 
 def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: bool = False,
-          log=print) -> dict:
-    """Train, keep the best epoch, evaluate it on the test split and write the reports. Returns metrics."""
+          log=print, comm=None) -> dict:
+    """Train, keep the best epoch, evaluate it on the test split and write the reports. Returns metrics.
+
+    ``comm`` (a ``distributed.Comm``) makes this one rank of a torchrun job; see facegender.distributed.
+    """
     out = Path(out)
     if resume:
         run = resume_run(out, config.epochs if config else None)
@@ -309,7 +336,10 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
             raise UserError(f"{out}: already holds a training run; pass --resume to continue it or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         run = new_run(config, [str(Path(d).resolve()) for d in data], out)
-    save_config(run.config, out / "config.yaml")
+    if comm:
+        comm.wrap(run)
+    if run.main:
+        save_config(run.config, out / "config.yaml")
     splits = load_splits(run.data, run.config)
     log(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         + f" | device {run.device}, precision {run.precision}, pipeline {run.config.pipeline}")
@@ -334,15 +364,20 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
                "seconds": round(stats["train_seconds"], 1),
                "wall_seconds": round(time.perf_counter() - epoch_start, 1)}
         run.history.append(row)
-        if improved:
-            save_best(run, val_loss=val_loss, val_acc=val_acc)
-        save_last(run)
-        write_history(run)
+        if run.main:
+            if improved:
+                save_best(run, val_loss=val_loss, val_acc=val_acc)
+            save_last(run)
+            write_history(run)
         log(f"epoch {run.epoch:2d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s"
             + ("  *best" if improved else ""))
     if run.stopper.should_stop:
         log(f"early stopping: no better validation loss for {run.stopper.patience} epochs")
+    if run.comm:
+        if not run.main:
+            return {}
+        run.comm, run.forward = None, run.model  # the test report is rank 0's alone
     return finish_run(run, batches, prepare_seconds=prepare_seconds, log=log)
 
 

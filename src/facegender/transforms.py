@@ -32,29 +32,49 @@ def eval_batch(batch_uint8: torch.Tensor) -> torch.Tensor:
     return normalize(to_float(batch_uint8)).contiguous(memory_format=torch.channels_last)
 
 
-def augment_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_params(n: int, config: TrainConfig, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The random draws of ``augment_batch`` for ``n`` images, made on the CPU in a fixed order.
+
+    Drawing them apart from the pixels lets a run's generator advance the same way on every device and in
+    every rank of a distributed run, whichever images that rank then applies them to.
+    """
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.empty(n, device="cpu").uniform_(low, high, generator=generator)
+
+    params = {}
+    if config.hflip > 0:
+        params["flip"] = uniform(0, 1) < config.hflip
+    if config.rotation > 0:
+        params["angle"] = uniform(-config.rotation, config.rotation) * (math.pi / 180)
+    params["brightness"] = uniform(max(0.0, 1 - config.brightness), 1 + config.brightness)
+    params["contrast"] = uniform(max(0.0, 1 - config.contrast), 1 + config.contrast)
+    # ColorJitter applies its adjustments in a random order, drawn per image
+    params["brightness_first"] = uniform(0, 1) < 0.5
+    return params
+
+
+def augment_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The spec's training augmentations on a float batch in [0, 1], drawn independently for each image.
 
     Matches torchvision's RandomHorizontalFlip, RandomRotation(degrees, fill 0) and ColorJitter(brightness,
-    contrast): same distributions, applied with one batched kernel each instead of one call per image.
+    contrast): same distributions, applied with one batched kernel each instead of one call per image, on
+    whichever device ``x`` is on. ``params`` (from ``augment_params``) replaces drawing from ``generator``.
     """
     n = x.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.empty(n, device="cpu").uniform_(low, high, generator=generator).to(x.device)
-
-    if config.hflip > 0:
-        flip = (uniform(0, 1) < config.hflip).view(n, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-    if config.rotation > 0:
-        angle = uniform(-config.rotation, config.rotation) * (math.pi / 180)
+    if params is None:
+        params = augment_params(n, config, generator)
+    p = {k: v.to(x.device, non_blocking=True).view(n, 1, 1, 1) for k, v in params.items()}
+    if "flip" in p:
+        x = torch.where(p["flip"], x.flip(-1), x)
+    if "angle" in p:
+        angle = p["angle"].view(n)
         cos, sin = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    b = uniform(max(0.0, 1 - config.brightness), 1 + config.brightness).view(n, 1, 1, 1)
-    c = uniform(max(0.0, 1 - config.contrast), 1 + config.contrast).view(n, 1, 1, 1)
+    b, c = p["brightness"], p["contrast"]
 
     def brightness(t: torch.Tensor) -> torch.Tensor:
         return (t * b).clamp(0, 1)
@@ -63,13 +83,14 @@ def augment_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generat
         gray = (0.2989 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).mean(dim=(1, 2)).view(n, 1, 1, 1)
         return (c * t + (1 - c) * gray).clamp(0, 1)
 
-    # ColorJitter applies its adjustments in a random order, drawn per image
-    brightness_first = (uniform(0, 1) < 0.5).view(n, 1, 1, 1)
-    return torch.where(brightness_first, contrast(brightness(x)), brightness(contrast(x)))
+    return torch.where(p["brightness_first"], contrast(brightness(x)), brightness(contrast(x)))
 
 
-def train_batch(batch_uint8: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None):
-    x = augment_batch(to_float(batch_uint8), config, generator)
+def train_batch(batch_uint8: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,
+                keep: slice = slice(None)):
+    """Augmented, normalised, channels-last: the images ``keep`` of a batch whose draws are made for all of it."""
+    params = {k: v[keep] for k, v in augment_params(len(batch_uint8), config, generator).items()}
+    x = augment_batch(to_float(batch_uint8[keep]), config, params=params)
     return normalize(x).contiguous(memory_format=torch.channels_last)
 
 
