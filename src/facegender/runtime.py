@@ -69,6 +69,8 @@ def set_deterministic(on: bool, model: nn.Module | None = None) -> None:
                     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
                     setattr(parent, name.rpartition(".")[2], GlobalMean())
     torch.use_deterministic_algorithms(on)
+    # that mode also fills every new tensor with NaN, a cost that correct code does not need to repeat itself
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = on
     if on:
         torch.backends.cudnn.benchmark = False
