@@ -49,12 +49,25 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def scut_subset(folder: Path, step: int) -> Path:
+    """Every ``step``-th SCUT-FBP5500 portrait linked (never copied) into ``folder``; its labels.csv."""
+    src = shared("scut_fbp5500")
+    (folder / "img").mkdir(parents=True)
+    lines = (src / "labels.csv").read_text().splitlines()
+    picked = [lines[0]] + lines[1::step]
+    for line in picked[1:]:
+        name = line.split(",")[0]
+        (folder / "img" / name).symlink_to(src / "img" / name)
+    (folder / "labels.csv").write_text("\n".join(picked) + "\n")
+    return folder / "labels.csv"
+
+
 @pytest.fixture(scope="session")
 def real_subsets(tmp_path_factory) -> dict[str, Path]:
     """Small prepared subsets of the three real corpora (links to the images, never copies)."""
     from facegender.data import prepare_celeba, prepare_csv, prepare_utkface
 
-    utk_src, celeba_src, scut_src = shared("utkface"), shared("celeba"), shared("scut_fbp5500")
+    utk_src, celeba_src = shared("utkface"), shared("celeba")
     root = tmp_path_factory.mktemp("real")
     out = {}
 
@@ -79,15 +92,7 @@ def real_subsets(tmp_path_factory) -> dict[str, Path]:
     prepare_celeba(celeba, root / "celeba")
     out["celeba"] = root / "celeba"
 
-    scut = root / "scut_fbp5500"
-    (scut / "img").mkdir(parents=True)
-    lines = (scut_src / "labels.csv").read_text().splitlines()
-    picked = [lines[0]] + lines[1::12]
-    for line in picked[1:]:
-        name = line.split(",")[0]
-        (scut / "img" / name).symlink_to(scut_src / "img" / name)
-    (scut / "labels.csv").write_text("\n".join(picked) + "\n")
-    prepare_csv(scut / "labels.csv", root / "scut")
+    prepare_csv(scut_subset(root / "scut_fbp5500", 12), root / "scut")
     out["scut"] = root / "scut"
     return out
 

@@ -18,7 +18,7 @@ from facegender.inference import Classifier
 from facegender.io import UserError
 from facegender.train import distillation_loss, train
 
-from conftest import shared
+from conftest import scut_subset
 
 ASTRONAUT = pathlib.Path(skimage.data.__file__).parent / "astronaut.png"
 quiet = dict(log=lambda *_: None)
@@ -27,16 +27,8 @@ quiet = dict(log=lambda *_: None)
 @pytest.fixture(scope="module")
 def scut_small(tmp_path_factory) -> pathlib.Path:
     """Every 20th SCUT-FBP5500 portrait (275 faces, both classes, both races), prepared with landmarks."""
-    src = shared("scut_fbp5500")
     root = tmp_path_factory.mktemp("scut_small")
-    (root / "img").mkdir()
-    lines = (src / "labels.csv").read_text().splitlines()
-    picked = [lines[0]] + lines[1::20]
-    for line in picked[1:]:
-        name = line.split(",")[0]
-        (root / "img" / name).symlink_to(src / "img" / name)
-    (root / "labels.csv").write_text("\n".join(picked) + "\n")
-    prepare_csv(root / "labels.csv", root / "prepared")
+    prepare_csv(scut_subset(root, 20), root / "prepared")
     return root / "prepared"
 
 

@@ -419,23 +419,23 @@ def _state_from_layers(layers: list[_Layer], mean: np.ndarray) -> dict[str, torc
     return state
 
 
+def _dat_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the dlib model ({e.strerror}); pass the path of {MODEL_FILE}") from None
+
+
 def read_dat(path: str | Path) -> dict[str, torch.Tensor]:
     """DescriptorNet's float32 state dict, parsed from a dlib .dat file (no cache)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the dlib model ({e.strerror}); pass the path of {MODEL_FILE}") from None
-    return _state_from_layers(*_read_network(data, path))
+    return _state_from_layers(*_read_network(_dat_bytes(path), path))
 
 
 def converted_state(path: str | Path) -> dict[str, torch.Tensor]:
     """``read_dat``, cached as safetensors under the cache dir, keyed by the .dat file's SHA-256."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the dlib model ({e.strerror}); pass the path of {MODEL_FILE}") from None
+    data = _dat_bytes(path)
     digest = hashlib.sha256(data).hexdigest()[:24]
     cached = cache_dir() / "dlibnet" / f"{digest}-v{CONVERTER_VERSION}.safetensors"
     if cached.is_file():
