@@ -17,7 +17,7 @@ from torch import nn
 from common import matmul_tflops, utkface_samples
 from facegender.config import load_config
 from facegender.train import Batches, new_run, train_step
-from facegender.runtime import grad_scaler, resolve_device
+from facegender.runtime import grad_scaler, resolve_device, resolve_precision
 
 TRAIN_GFLOP = 3.6  # ResNet18 at 128 px, forward + backward, per image
 
@@ -61,9 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     _, samples = utkface_samples(args.images)
     device = resolve_device("auto")
-    peak = matmul_tflops(torch.bfloat16, device=device)
+    # the ceiling in the precision the default pipeline trains in: fp32 on a CPU without native bf16
+    precision = resolve_precision("auto", device)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    peak = matmul_tflops(dtypes[precision], device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"{len(samples)} images, torch {torch.__version__}, {name}; bf16 matmul peak on {device.type} "
+    print(f"{len(samples)} images, torch {torch.__version__}, {name}; {precision} matmul peak on {device.type} "
           f"{peak:.2f} TFLOP/s = {peak * 1e3 / TRAIN_GFLOP:.0f} img/s training ceiling", flush=True)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     sides = [("reference", "fp32", False, sizes[0], False), ("fast", "auto", False, sizes[0], False)]
