@@ -1,11 +1,12 @@
 import io
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from facegender.images import BadImage, check_image, load_face, load_faces, open_rgb
+from facegender.images import BadImage, check_image, decode_rgb, load_face, load_faces, open_rgb
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -123,12 +124,34 @@ def test_missing_file(tmp_path):
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = _save(Image.new("L", (100, 100)), tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # the warning zone: between 1x and 2x the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # the warning zone: between 1x and 2x the limit
     with pytest.raises(BadImage, match="decompression bomb"):
         open_rgb(path)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_rgb(path.read_bytes(), "upload.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # beyond 2x: Pillow's own error
     with pytest.raises(BadImage, match="decompression bomb"):
         open_rgb(path)
+
+
+def test_bombs_are_refused_while_other_threads_decode(tmp_path, monkeypatch):
+    """The refusal holds under concurrency (a server decodes uploads on several threads): no thread's
+    decoding can switch the check off for another."""
+    bomb = _save(Image.new("L", (100, 100)), tmp_path / "bomb.png").read_bytes()
+    fine = _save(Image.new("RGB", (60, 60), (200, 30, 30)), tmp_path / "fine.png").read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+
+    def decode(i):
+        data = bomb if i % 2 else fine
+        try:
+            return decode_rgb(data, f"{i}.png").size
+        except BadImage as e:
+            return e.reason
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(decode, range(400)))
+    assert results[1::2] == ["decompression bomb, refused"] * 200
+    assert results[0::2] == [(60, 60)] * 200
 
 
 def test_load_face_resizes_deterministically(tmp_path):
