@@ -5,7 +5,7 @@ photos as multipart uploads: SCUT-FBP5500 portraits from ../shared/data when pre
 one face each), else scikit-image's astronaut cut to her head and shoulders. Prints requests/s, p50/p99
 latency, errors (a non-200 answer, a failed request, or an answer without exactly one labelled face), and
 the server's resident memory after warm-up and at the end. Usage:
-    python benchmarks/serve_load.py --clients 8 --seconds 30
+    python benchmarks/serve_load.py --clients 8 --seconds 30 [--backend onnxruntime] [--model CHECKPOINT]
 The last line reads: serve: R req/s, p50 A ms, p99 B ms, E errors (clients N, micro-batching on)
 """
 from __future__ import annotations
@@ -69,8 +69,9 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int, micro_batching: bool, workers: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), "--workers", str(workers)]
+def start_server(port: int, micro_batching: bool, workers: int, backend: str, model: str | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "facegender.cli", "serve", *([model] if model else []), "--port", str(port),
+           "--workers", str(workers), "--backend", backend]
     if not micro_batching:
         cmd.append("--no-micro-batching")
     log = tempfile.TemporaryFile()  # a file, not a pipe: the access log of thousands of requests would fill a pipe
@@ -116,9 +117,10 @@ async def load(url: str, images: list[tuple[str, bytes]], clients: int, seconds:
     return latencies, errors
 
 
-def run(micro_batching: bool, images, clients: int, seconds: float, workers: int) -> dict:
+def run(micro_batching: bool, images, clients: int, seconds: float, workers: int, backend: str,
+        model: str | None) -> dict:
     port = free_port()
-    proc = start_server(port, micro_batching, workers)
+    proc = start_server(port, micro_batching, workers, backend, model)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
         asyncio.run(load(url, images, clients, min(5.0, seconds)))  # warm-up: threads, allocator, caches
@@ -144,13 +146,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="timed seconds per mode (after 5 s of warm-up)")
     parser.add_argument("--photos", type=int, default=64, help="distinct photos the clients cycle through")
     parser.add_argument("--workers", type=int, default=1, help="server processes (facegender serve --workers)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="facegender serve --backend")
+    parser.add_argument("--model", help="a checkpoint or bundled model's name (default: the bundled default)")
     args = parser.parse_args()
     images = photos(args.photos)
     print(f"{len(images)} single-face photos ({images[0][0]}, ...), {args.clients} clients, {args.seconds:g} s per "
-          f"mode, {args.workers} server process(es), {os.cpu_count()} CPUs; modes run one after the other", flush=True)
+          f"mode, {args.workers} server process(es), backend {args.backend}, {os.cpu_count()} CPUs; modes run one "
+          "after the other", flush=True)
     results = {}
     for on in (False, True):
-        r = results[on] = run(on, images, args.clients, args.seconds, args.workers)
+        r = results[on] = run(on, images, args.clients, args.seconds, args.workers, args.backend, args.model)
         print(f"micro-batching {'on ' if on else 'off'}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
               f"p99 {r['p99']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch {r['mean_batch']:.2f} "
               f"faces, server CPU {r['cpu_ms']:.1f} ms/request, server memory {r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB "

@@ -87,13 +87,18 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
-          micro_batching=not args.no_micro_batching, device=args.device)
+          micro_batching=not args.no_micro_batching, device=args.device, backend=_backend(args.backend, args.checkpoint))
     return 0
 
 
 def _is_checkpoint(path: str) -> bool:
     p = Path(path)
     return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
+
+
+def _backend(chosen: str | None, model: str | None) -> str:
+    """--backend, by default onnxruntime for an .onnx model and torch otherwise."""
+    return chosen or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
 
 
 def cmd_predict(args) -> int:
@@ -107,8 +112,8 @@ def cmd_predict(args) -> int:
         raise UserError("predict: no images given")
     if args.ray:
         return _predict_ray(args, model, inputs)
-    backend = args.backend or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
-    clf = Classifier.from_checkpoint(model, device=args.device, backend=backend, detect=not args.no_detect,
+    clf = Classifier.from_checkpoint(model, device=args.device, backend=_backend(args.backend, model),
+                                     detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -290,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API and web page",
                        description="Serve POST /v1/predict, /v1/predict/batch, GET /v1/model, /healthz, the API "
                                    "docs at /docs and a web page at /.")
-    p.add_argument("checkpoint", nargs="?", help="run directory or .safetensors file (default: the bundled model)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="run directory, .safetensors or .onnx file, or a bundled model's name (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000)
@@ -299,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-micro-batching", action="store_true",
                    help="one forward pass per request instead of sharing passes between concurrent requests")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="what runs the model (default: onnxruntime for an .onnx model, torch otherwise); "
+                        "onnxruntime converts a .safetensors model to ONNX first")
     p.set_defaults(func=cmd_serve)
     return parser
 

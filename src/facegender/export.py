@@ -9,10 +9,10 @@ import torch
 
 from . import checkpoint
 from .data import load_samples_many
-from .facemodels import kind_of
+from .facemodels import build_face_model, kind_of
 from .inference import Classifier
 from .io import UserError, atomic_path
-from .onnx_model import OPSET, OnnxModule, to_onnx, with_meta
+from .onnx_model import OPSET, onnx_face_model, to_onnx, with_meta
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
@@ -71,21 +71,22 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
 
 def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = None, tolerance: float = 1e-4,
                 log=print) -> dict:
-    """Write the model of ``source`` as an ONNX graph (see ``onnx_model``); with ``check``, only if
-    onnxruntime's P(male) on the datasets' test splits stays within ``tolerance`` of PyTorch's in fp32."""
+    """Write the model of ``source`` (a ResNet18 or a descriptor model) as an ONNX graph (see ``onnx_model``);
+    with ``check``, only if onnxruntime's P(male) on the datasets' test splits stays within ``tolerance``
+    of PyTorch's in fp32."""
     path = checkpoint.resolve(source)
     tensors, meta = checkpoint.load(path)
-    weights = {k: v.float() for k, v in checkpoint.model_state(tensors).items()}
-    if kind_of(meta) != "resnet18":
-        raise UserError(f"{path}: ONNX export covers ResNet18 checkpoints; this one is of kind {kind_of(meta)!r}")
-    clf = Classifier.from_state(weights, meta, device="cpu", precision="fp32", detect=False)
+    if kind_of(meta) == "ensemble":
+        raise UserError(f"{path}: an ensemble is two networks: export each member (its --members) to ONNX, "
+                        "or run the ensemble with --backend onnxruntime")
+    clf = Classifier(build_face_model(tensors, meta, device="cpu", precision="fp32"), meta, detect=False)
     meta = meta | {"data": [_corpus_name(d) for d in meta.get("data", [])]}
     report = {"format": "onnx", "dtype": "float32", "from": path.name}
-    data = to_onnx(clf.model.network, meta | {"export": report})
+    data = to_onnx(clf.model, meta | {"export": report})
     if check:
         samples = load_samples_many(check, "test")
         full = clf.probabilities(clf.model.dataset_logits(samples)[0])
-        clf.model.network = OnnxModule(data)
+        clf.model = onnx_face_model(data, meta)
         diff = np.abs(clf.probabilities(clf.model.dataset_logits(samples)[0]) - full)
         log(f"onnxruntime vs PyTorch float32 on {len(diff)} test images: largest difference in P(male) {diff.max():.2e}")
         if diff.max() > tolerance:
@@ -96,5 +97,6 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
         data = with_meta(data, meta | {"export": report})
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
-    log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, float32 ONNX, opset {OPSET})")
+    log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, float32 ONNX of a {kind_of(meta)} model, "
+        f"opset {OPSET})")
     return report

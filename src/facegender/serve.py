@@ -398,14 +398,15 @@ def _version() -> str:
 
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
-          workers: int = 1, micro_batching: bool = True, device: str = "auto", log_level: str = "info") -> None:
+          workers: int = 1, micro_batching: bool = True, device: str = "auto", backend: str = "torch",
+          log_level: str = "info") -> None:
     """Run the server (blocking). With several workers each process loads the model and batches alone."""
     import uvicorn
 
     if workers < 1 or max_upload_mb <= 0:
         raise UserError(f"--workers {workers} must be at least 1 and --max-upload-mb {max_upload_mb} above 0")
     os.environ[_ENV] = json.dumps({"checkpoint": checkpoint, "max_upload_mb": max_upload_mb, "workers": workers,
-                                   "micro_batching": micro_batching, "device": device})
+                                   "micro_batching": micro_batching, "device": device, "backend": backend})
     if workers == 1:
         uvicorn.run(app_from_environment(), host=host, port=port, log_level=log_level)
         return
@@ -427,5 +428,6 @@ def app_from_environment() -> FastAPI:
     # beside it. More model threads than that oversubscribe the cores, and PyTorch's threads, which wait
     # for each other at every layer, then lose many times what they gain (bench: benchmarks/serve_load.py).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * options["workers"])))
-    classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"])
+    classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"],
+                                            backend=options.get("backend", "torch"))
     return create_app(classifier, max_upload_mb=options["max_upload_mb"], micro_batching=options["micro_batching"])
