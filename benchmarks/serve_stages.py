@@ -6,13 +6,20 @@ face detection with landmarks, cutting the model's input (the descriptor model's
 model at batch 1 and at the micro-batch ``--batch`` for torch fp32 and onnxruntime fp32. Figures are CPU
 milliseconds of this thread (``time.thread_time``), which other programs on a shared machine barely
 move; medians of ``--rounds`` rounds taken in turn. What `serve_load.py` reports as the server's CPU per
-request, minus these stages, is the HTTP side (uvicorn, FastAPI, multipart parsing, JSON). Usage:
+request, minus these stages, is the HTTP side (uvicorn, FastAPI, multipart parsing, JSON).
+
+In the server the model runs in its own thread beside the event loop's pure-Python work. Each time a
+thread gives up the GIL (PyTorch does, around every operator; onnxruntime once per run) it may wait up to
+Python's switch interval (5 ms) to take it back from a thread running Python code. So the model is also
+timed, in wall-clock ms per batch, while another thread runs Python code without pause, against the same
+batch alone, in turns. Usage:
     python benchmarks/serve_stages.py [--photos 32] [--rounds 3] [--batch 4] [--model descriptor]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -29,6 +36,30 @@ def cpu_ms(fn, items) -> float:
     for item in items:
         fn(item)
     return (time.thread_time() - start) * 1000 / len(items)
+
+
+def wall_ms(fn, batch, seconds: float = 2.0, busy: bool = False) -> float:
+    """Wall-clock ms per call of ``fn(batch)``, alone or beside a thread that runs Python code throughout."""
+    stop = threading.Event()
+
+    def python_work():
+        while not stop.is_set():
+            sum(i * i for i in range(1000))
+
+    worker = threading.Thread(target=python_work, daemon=True)
+    if busy:
+        worker.start()
+    try:
+        fn(batch)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn(batch)
+            calls += 1
+        return (time.perf_counter() - start) * 1000 / calls
+    finally:
+        stop.set()
+        if busy:
+            worker.join()
 
 
 def main() -> None:
@@ -66,6 +97,14 @@ def main() -> None:
     for name, ms in median.items():
         print(f"  {name:32s} {ms:7.2f} ms")
     front = median["decode"] + median["detect + landmarks"] + median["model input (chip/crop)"]
+    contention = {(backend, busy): [] for backend in clfs for busy in (False, True)}
+    for _ in range(args.rounds):
+        for backend, busy in contention:
+            contention[backend, busy].append(wall_ms(clfs[backend].logits, batches[0], busy=busy))
+    print(f"model wall ms per batch of {args.batch}, alone / beside a thread running Python code:")
+    for backend in clfs:
+        alone, busy = (statistics.median(contention[backend, b]) for b in (False, True))
+        print(f"  {backend:12s} {alone:7.1f} / {busy:7.1f} ms ({busy / alone:.2f}x)")
     for backend in clfs:
         model = median[f"model, {backend}, batch {args.batch}"]
         print(f"per request, {backend}: {front + model:.1f} ms CPU without the HTTP side (model "

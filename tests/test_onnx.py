@@ -243,3 +243,23 @@ def test_predict_and_evaluate_take_the_descriptor_onnx_file(descriptor_onnx, che
     logits, labels, _ = torch_clf.model.dataset_logits(load_samples_many([str(check_data)], "test"))
     assert report["run"]["kind"] == "descriptor" and report["count"] == len(labels) == 8
     assert report["accuracy"] == ((torch_clf.probabilities(logits) >= 0.5) == labels).mean()
+
+
+def test_serve_runs_the_default_model_on_onnxruntime_with_torchs_answers(tmp_path):
+    import httpx
+    from skimage.data import astronaut
+
+    from conftest import serving
+    from facegender.serve import create_app, resolve_backend
+
+    assert resolve_backend("auto", None) == "onnxruntime"  # the descriptor model, onnxruntime installed here
+    assert resolve_backend("auto", "resnet18") == "torch" and resolve_backend("torch", None) == "torch"
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    (expected,) = Classifier.from_checkpoint(precision="fp32").predict([photo])
+    with serving(create_app(Classifier.from_checkpoint(backend="onnxruntime"))) as server:
+        r = httpx.post(f"{server.url}/v1/predict", files={"file": ("astronaut.png", photo.read_bytes())}, timeout=60)
+    assert r.status_code == 200
+    (got,) = r.json()["predictions"]
+    assert got["label"] == expected.label == "female" and tuple(got["box"]) == expected.box
+    assert abs(got["p_male"] - expected.p_male) <= 1e-4

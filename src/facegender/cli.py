@@ -87,7 +87,8 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
-          micro_batching=not args.no_micro_batching, device=args.device, backend=_backend(args.backend, args.checkpoint))
+          micro_batching=not args.no_micro_batching, device=args.device, backend=args.backend,
+          model_threads=args.model_threads)
     return 0
 
 
@@ -305,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-micro-batching", action="store_true",
                    help="one forward pass per request instead of sharing passes between concurrent requests")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"],
-                   help="what runs the model (default: onnxruntime for an .onnx model, torch otherwise); "
-                        "onnxruntime converts a .safetensors model to ONNX first")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="what runs the model; auto (default): onnxruntime for an .onnx model, and for a descriptor "
+                        "model where onnxruntime is installed (converted to ONNX on first use, then cached), "
+                        "else torch")
+    p.add_argument("--model-threads", type=int,
+                   help="the model's threads per server process (default: half of its share of the cores)")
     p.set_defaults(func=cmd_serve)
     return parser
 
