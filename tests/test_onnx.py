@@ -25,10 +25,11 @@ import torch
 def check_data(tmp_path_factory):
     """A tiny prepared-layout dataset of real faces for ``export --check``."""
     data = tmp_path_factory.mktemp("check")
-    for cls in ("female", "male"):
-        (data / "test" / cls).mkdir(parents=True)
-        for i, p in enumerate(real_faces()[:4]):
-            Image.open(p).convert("RGB").save(data / "test" / cls / f"{i}.png")
+    for split, faces in (("test", real_faces()[:4]), ("val", real_faces()[-4:])):  # val: int8 calibration
+        for cls in ("female", "male"):
+            (data / split / cls).mkdir(parents=True)
+            for i, p in enumerate(faces):
+                Image.open(p).convert("RGB").save(data / split / cls / f"{i}.png")
     return data
 
 
@@ -263,3 +264,18 @@ def test_serve_runs_the_default_model_on_onnxruntime_with_torchs_answers(tmp_pat
     (got,) = r.json()["predictions"]
     assert got["label"] == expected.label == "female" and tuple(got["box"]) == expected.box
     assert abs(got["p_male"] - expected.p_male) <= 1e-4
+
+
+def test_int8_export_is_calibrated_checked_and_labels_like_fp32(descriptor_onnx, check_data, detected, tmp_path):
+    out = tmp_path / "int8.onnx"
+    # 8 test faces: one changed answer is 12.5 points, which --tolerance 13 lets through
+    assert main(["export", "descriptor", str(out), "--int8", str(check_data), "--check", str(check_data),
+                 "--tolerance", "13"]) == 0
+    export = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["facegender"])["export"]
+    assert export["dtype"] == "int8" and export["calibration_images"] == 8 and export["checked_images"] == 8
+    assert export["test_accuracy_fp32"] - export["test_accuracy_int8"] <= 13
+    assert out.stat().st_size < 0.5 * descriptor_onnx.stat().st_size  # int8 weights
+    fp32 = np.array([p.p_male for p in Classifier.from_checkpoint(descriptor_onnx, backend="onnxruntime").classify(detected)])
+    int8 = np.array([p.p_male for p in Classifier.from_checkpoint(out, backend="onnxruntime").classify(detected)])
+    assert 0 < np.abs(int8 - fp32).mean() < 0.05  # really quantised, and close
+    assert ((int8 >= 0.5) == (fp32 >= 0.5)).mean() >= 0.9
