@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import checkpoint
+from . import checkpoint, onnx_model
 from .detect import MAX_SIDE, FaceDetector, detect_faces
 from .facemodels import build_face_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
 from .metrics import apply_temperature
-from . import onnx_model
 
 # the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.safetensors"
