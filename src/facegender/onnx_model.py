@@ -153,10 +153,11 @@ def _graph_key(module: nn.Module, example: torch.Tensor, temperature: float) -> 
     return h.hexdigest()[:24]
 
 
-def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict) -> bytes:
+def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict, reduce_range: bool = True) -> bytes:
     """A descriptor graph with its convolutions in int8: onnxruntime's static quantisation (QDQ, per-channel
-    weights in 7 bits, so that CPUs without VNNI cannot overflow their 16-bit sums of u8 x s8 products),
-    calibrated on ``calibration``, uint8 chips of validation faces. The head stays float32."""
+    weights in 7 bits unless ``reduce_range`` is off: CPUs without VNNI can overflow their 16-bit sums of
+    u8 x s8 products otherwise), calibrated on ``calibration``, uint8 chips of validation faces. The head
+    stays float32."""
     import tempfile
 
     try:
@@ -178,7 +179,7 @@ def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict) -> by
         try:
             quantize_static(src, out, Chips(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=True)
+                            reduce_range=reduce_range)
         finally:
             logging.disable(logging.NOTSET)
         return with_meta(out.read_bytes(), meta, "descriptor")
