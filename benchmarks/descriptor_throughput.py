@@ -1,13 +1,15 @@
-"""Face descriptors/s: dlib's own network against facegender.dlibnet, side by side in one run.
+"""Face descriptors/s: dlib's own network against facegender.dlibnet and its ONNX graph, side by side in one run.
 
 dlib computes one chip at a time (``compute_face_descriptor(chip)``, what most users call) or a list
-(its batch overload); ``DescriptorNet`` runs at batch 1 and at a large batch, in fp32 and bf16. The
+(its batch overload); ``DescriptorNet`` runs at batch 1 and at a large batch, in fp32 and bf16, and so
+does the graph ``facegender export`` writes of the default model on onnxruntime in fp32 (``--int8 FILE``:
+also an int8 graph made by ``export --int8``). The
 chips are real faces: dlib's own 150x150 chips of UTKFace images (scikit-image's astronaut, flipped
 and shifted, where UTKFace is absent). The configurations take turns for ``--rounds`` rounds and each
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
 CPU milliseconds per face (process time, all threads) are the steadier figure there, since waiting for
 a core costs wall time but no CPU time. Also prints each precision's cosine to dlib's descriptors. Usage:
-    python benchmarks/descriptor_throughput.py --faces 64 --seconds 4 --rounds 3 [--threads N]
+    python benchmarks/descriptor_throughput.py --faces 64 --seconds 4 --rounds 3 [--threads N] [--int8 FILE]
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from PIL import Image
 from common import SHARED
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.dlibnet import MODEL_FILE, DescriptorNet, face_chips, full_object_detection
+from facegender.inference import Classifier
 from facegender.runtime import cpu_has_bf16
 
 
@@ -76,7 +79,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="the large batch size")
     parser.add_argument("--seconds", type=float, default=4, help="timed seconds per configuration per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0: torch's default)")
+    parser.add_argument("--int8", metavar="ONNX", help="an int8 descriptor graph (facegender export --int8) to time too")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,11 +89,16 @@ def main() -> None:
     chips, origin = real_chips(args.faces)
     reference = dlib.face_recognition_model_v1(str(packaged_model(MODEL_FILE)))
     nets = {p: DescriptorNet.from_dat(device="cpu", precision=p) for p in ("fp32", "bf16")}
+    graphs = {"fp32": Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor}
+    if args.int8:
+        graphs["int8"] = Classifier.from_checkpoint(args.int8, backend="onnxruntime", detect=False).model.extractor
     truth = np.array([np.array(reference.compute_face_descriptor(c)) for c in chips])
     print(f"{len(chips)} chips of {origin}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"dlib {dlib.__version__}; native CPU bf16: {'yes' if cpu_has_bf16() else 'no (bf16 is emulated here)'}")
     for precision, net in nets.items():
         print(f"cosine to dlib, {precision}: {cosine_range(net.descriptors(chips), truth)}")
+    for precision, graph in graphs.items():
+        print(f"cosine to dlib, onnxruntime {precision}: {cosine_range(graph(chips), truth)}")
 
     configs = {
         ("dlib", "one at a time", 1): lambda b: [reference.compute_face_descriptor(c) for c in b],
@@ -98,6 +107,9 @@ def main() -> None:
     for precision, net in nets.items():
         for batch in (1, args.batch):
             configs[("dlibnet", precision, batch)] = net.descriptors
+    for precision, graph in graphs.items():
+        for batch in (1, args.batch):
+            configs[("onnx", precision, batch)] = graph
     rates = {key: [] for key in configs}
     for _ in range(args.rounds):
         for key, run in configs.items():

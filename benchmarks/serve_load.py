@@ -1,12 +1,15 @@
-"""Load on `facegender serve`: N concurrent clients for T seconds, micro-batching off and on, in one run.
+"""Load on `facegender serve`: N concurrent clients for T seconds, micro-batching off and on, onnxruntime
+and torch, in one run.
 
-Starts the server itself (the bundled model, a free loopback port), once per mode, and sends single-face
-photos as multipart uploads: SCUT-FBP5500 portraits from ../shared/data when present (350x350 JPEGs,
-one face each), else scikit-image's astronaut cut to her head and shoulders. Prints requests/s, p50/p99
-latency, errors (a non-200 answer, a failed request, or an answer without exactly one labelled face), and
-the server's resident memory after warm-up and at the end. Usage:
-    python benchmarks/serve_load.py --clients 8 --seconds 30
-The last line reads: serve: R req/s, p50 A ms, p99 B ms, E errors (clients N, micro-batching on)
+Starts the server itself (the bundled model, a free loopback port), once per mode and backend, and sends
+single-face photos as multipart uploads: SCUT-FBP5500 portraits from ../shared/data when present (350x350
+JPEGs, one face each), else scikit-image's astronaut cut to her head and shoulders. Prints requests/s,
+p50/p99 latency, errors (a non-200 answer, a failed request, or an answer without exactly one labelled
+face), the server's and the clients' CPU time per request, and the server's resident memory after warm-up
+and at the end. Usage:
+    python benchmarks/serve_load.py --clients 8 --seconds 30 [--backend onnxruntime,torch] [--model CHECKPOINT]
+The last line reads: serve: R req/s, p50 A ms, p99 B ms, E errors (clients N, micro-batching on), for
+the first backend named (onnxruntime by default: what serve picks for the default model).
 """
 from __future__ import annotations
 
@@ -69,8 +72,10 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int, micro_batching: bool, workers: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), "--workers", str(workers)]
+def start_server(port: int, micro_batching: bool, workers: int, backend: str, model: str | None,
+                 threads: int | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "facegender.cli", "serve", *([model] if model else []), "--port", str(port),
+           "--workers", str(workers), "--backend", backend, *(["--model-threads", str(threads)] if threads else [])]
     if not micro_batching:
         cmd.append("--no-micro-batching")
     log = tempfile.TemporaryFile()  # a file, not a pipe: the access log of thousands of requests would fill a pipe
@@ -116,16 +121,17 @@ async def load(url: str, images: list[tuple[str, bytes]], clients: int, seconds:
     return latencies, errors
 
 
-def run(micro_batching: bool, images, clients: int, seconds: float, workers: int) -> dict:
+def run(micro_batching: bool, images, clients: int, seconds: float, workers: int, backend: str,
+        model: str | None, threads: int | None) -> dict:
     port = free_port()
-    proc = start_server(port, micro_batching, workers)
+    proc = start_server(port, micro_batching, workers, backend, model, threads)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
         asyncio.run(load(url, images, clients, min(5.0, seconds)))  # warm-up: threads, allocator, caches
         memory_start, cpu_start = rss_mib(proc.pid), cpu_seconds(proc.pid)
-        start = time.perf_counter()
+        start, client_start = time.perf_counter(), time.process_time()
         latencies, errors = asyncio.run(load(url, images, clients, seconds))
-        elapsed = time.perf_counter() - start
+        elapsed, client_cpu = time.perf_counter() - start, time.process_time() - client_start
         cpu = cpu_seconds(proc.pid) - cpu_start
         memory_end = rss_mib(proc.pid)
         health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
@@ -135,7 +141,8 @@ def run(micro_batching: bool, images, clients: int, seconds: float, workers: int
     ms = np.array(latencies) * 1000
     return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
             "errors": errors, "requests": len(latencies), "mem_start": memory_start, "mem_end": memory_end,
-            "mean_batch": health["faces"] / max(1, health["batches"]), "cpu_ms": 1000 * cpu / max(1, len(latencies))}
+            "mean_batch": health["faces"] / max(1, health["batches"]), "cpu_ms": 1000 * cpu / max(1, len(latencies)),
+            "client_ms": 1000 * client_cpu / max(1, len(latencies))}
 
 
 def main() -> None:
@@ -144,23 +151,45 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="timed seconds per mode (after 5 s of warm-up)")
     parser.add_argument("--photos", type=int, default=64, help="distinct photos the clients cycle through")
     parser.add_argument("--workers", type=int, default=1, help="server processes (facegender serve --workers)")
+    parser.add_argument("--backend", default="onnxruntime,torch",
+                        help="facegender serve --backend: onnxruntime (what serve picks for the default model), "
+                             "torch, or both comma-separated (the default; run in turn, the last line for the first)")
+    parser.add_argument("--model", help="a checkpoint or bundled model's name (default: the bundled default)")
+    parser.add_argument("--micro-batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--model-threads", type=int, help="facegender serve --model-threads")
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends or set(backends) - {"torch", "onnxruntime"}:
+        parser.error(f"--backend {args.backend}: torch, onnxruntime or torch,onnxruntime")
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.micro_batching]
     images = photos(args.photos)
     print(f"{len(images)} single-face photos ({images[0][0]}, ...), {args.clients} clients, {args.seconds:g} s per "
           f"mode, {args.workers} server process(es), {os.cpu_count()} CPUs; modes run one after the other", flush=True)
     results = {}
-    for on in (False, True):
-        r = results[on] = run(on, images, args.clients, args.seconds, args.workers)
-        print(f"micro-batching {'on ' if on else 'off'}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
-              f"p99 {r['p99']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch {r['mean_batch']:.2f} "
-              f"faces, server CPU {r['cpu_ms']:.1f} ms/request, server memory {r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB "
-              f"({100 * (r['mem_end'] / r['mem_start'] - 1):+.1f}%)", flush=True)
-    print(f"micro-batching on/off: {results[True]['rps'] / results[False]['rps']:.2f}x requests/s, "
-          f"p99 {results[True]['p99'] / results[False]['p99']:.2f}x, "
-          f"server CPU per request {results[True]['cpu_ms'] / results[False]['cpu_ms']:.2f}x")
-    r = results[True]
-    print(f"serve: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, {r['errors']} errors "
-          f"(clients {args.clients}, micro-batching on)")
+    for backend in backends:
+        for on in modes:
+            r = results[backend, on] = run(on, images, args.clients, args.seconds, args.workers, backend, args.model,
+                                           args.model_threads)
+            print(f"{backend}, micro-batching {'on ' if on else 'off'}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
+                  f"p99 {r['p99']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch {r['mean_batch']:.2f} "
+                  f"faces, server CPU {r['cpu_ms']:.1f} ms/request (clients {r['client_ms']:.1f}), server memory "
+                  f"{r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB ({100 * (r['mem_end'] / r['mem_start'] - 1):+.1f}%)",
+                  flush=True)
+        if len(modes) == 2:
+            on, off = results[backend, True], results[backend, False]
+            print(f"{backend}: micro-batching on/off: {on['rps'] / off['rps']:.2f}x requests/s, "
+                  f"p99 {on['p99'] / off['p99']:.2f}x, server CPU per request {on['cpu_ms'] / off['cpu_ms']:.2f}x")
+    if len(backends) == 2:
+        for on in modes:
+            o, t = results["onnxruntime", on], results["torch", on]
+            print(f"onnxruntime/torch, micro-batching {'on' if on else 'off'}: {o['rps'] / t['rps']:.2f}x requests/s, "
+                  f"p99 {o['p99'] / t['p99']:.2f}x, server CPU per request {o['cpu_ms'] / t['cpu_ms']:.2f}x")
+    on = modes[-1]
+    for backend in backends[1:] + backends[:1]:  # the last line is the first backend's, as the issue reads it
+        r = results[backend, on]
+        print(f"serve: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, {r['errors']} errors "
+              f"(clients {args.clients}, micro-batching {'on' if on else 'off'})"
+              + ("" if backend == backends[0] else f" [{backend}]"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: a synthetic dataset that needs nothing, and small real subsets of ../shared/data."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -104,17 +105,14 @@ def bundled_classifier():
     return Classifier.from_checkpoint()
 
 
-@pytest.fixture(scope="session")
-def live_server(bundled_classifier):
-    """The real API around the bundled model, on a real uvicorn on a free loopback port: its base URL."""
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on a real uvicorn on a free loopback port: yields the server, its base URL in ``server.url``."""
     import threading
     import time
 
     import uvicorn
 
-    from facegender.serve import create_app
-
-    app = create_app(bundled_classifier)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -122,8 +120,19 @@ def live_server(bundled_classifier):
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "the test server did not start"
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server.url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     server.app = app
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(bundled_classifier):
+    """The real API around the bundled model, on a real uvicorn on a free loopback port: its base URL."""
+    from facegender.serve import create_app
+
+    with serving(create_app(bundled_classifier)) as server:
+        yield server.url

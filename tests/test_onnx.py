@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import shared
 from facegender.cli import main
+from facegender.data import load_samples_many
 from facegender.export import export_model
 from facegender.inference import BUNDLED_MODELS, Classifier
 from facegender.io import UserError
@@ -24,10 +25,11 @@ import torch
 def check_data(tmp_path_factory):
     """A tiny prepared-layout dataset of real faces for ``export --check``."""
     data = tmp_path_factory.mktemp("check")
-    for cls in ("female", "male"):
-        (data / "test" / cls).mkdir(parents=True)
-        for i, p in enumerate(real_faces()[:4]):
-            Image.open(p).convert("RGB").save(data / "test" / cls / f"{i}.png")
+    for split, faces in (("test", real_faces()[:4]), ("val", real_faces()[-4:])):  # val: int8 calibration
+        for cls in ("female", "male"):
+            (data / split / cls).mkdir(parents=True)
+            for i, p in enumerate(faces):
+                Image.open(p).convert("RGB").save(data / split / cls / f"{i}.png")
     return data
 
 
@@ -129,3 +131,151 @@ def test_export_check_records_parity_and_refuses_a_graph_beyond_the_tolerance(on
     with pytest.raises(UserError, match="not written"):
         export_model(BUNDLED_MODELS["resnet18"], tmp_path / "m.onnx", check=[str(check_data)], tolerance=0.0, log=lambda *_: None)
     assert not (tmp_path / "m.onnx").exists()
+
+
+# ---------------------------------------------------------------- the descriptor model (the bundled default)
+
+
+@pytest.fixture(scope="module")
+def descriptor_onnx(tmp_path_factory, check_data):
+    out = tmp_path_factory.mktemp("onnx") / "descriptor.onnx"
+    assert main(["export", str(BUNDLED_MODELS["descriptor"]), str(out), "--check", str(check_data)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def detected():
+    """The faces the bundled model's detector finds in real photos of the three corpora: (stub, chip) pairs."""
+    clf = Classifier.from_checkpoint(precision="fp32")
+    found = [pair for p in real_faces() for pair in clf.faces(str(p), p) if pair[1] is not None]
+    assert len(found) >= 30
+    return found
+
+
+@pytest.fixture(scope="module")
+def ensemble_checkpoint(tmp_path_factory):
+    """An ensemble of the two bundled models, as `train --kind ensemble` would save it."""
+    from facegender import checkpoint
+
+    (resnet, resnet_meta), (head, head_meta) = (checkpoint.load(BUNDLED_MODELS[k]) for k in ("resnet18", "descriptor"))
+    meta = resnet_meta | {"kind": "ensemble", "head": head_meta["head"], "descriptor": head_meta["descriptor"],
+                          "ensemble": {"weights": [0.4, 0.7], "bias": -0.1}}
+    path = tmp_path_factory.mktemp("ensemble") / "ensemble.safetensors"
+    checkpoint.save(path, resnet | head, meta)
+    return path
+
+
+def test_the_descriptor_graph_takes_chips_and_carries_its_contract(descriptor_onnx, detected):
+    model = onnx.load(str(descriptor_onnx))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    props = {p.key: p.value for p in model.metadata_props}
+    bundled = json.loads(BUNDLED_MODELS["descriptor"].with_suffix(".json").read_text())
+    assert props["kind"] == "descriptor" and int(props["chip_size"]) == 150 and float(props["chip_padding"]) == 0.25
+    assert "shape_predictor_5_face_landmarks" in props["landmarks"] and "get_face_chip" in props["input"]
+    assert json.loads(props["classes"]) == ["female", "male"] and float(props["threshold"]) == 0.5
+    assert float(props["temperature"]) == pytest.approx(bundled["temperature"])
+    export = json.loads(props["facegender"])["export"]
+    assert export["checked_images"] == 8 and export["max_probability_difference"] <= 1e-4
+    (chips,) = model.graph.input
+    assert chips.name == "chips" and chips.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert chips.type.tensor_type.shape.dim[0].dim_param  # any batch size
+    # run as a user without facegender would: chips in, calibrated P(male) and dlib's descriptor out
+    from facegender.dlibnet import DescriptorNet
+
+    batch = np.stack([chip for _, chip in detected])
+    session = ort.InferenceSession(str(descriptor_onnx), providers=["CPUExecutionProvider"])
+    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    expected = torch_clf.probabilities(torch_clf.logits(batch))
+    for n in (1, len(batch)):
+        logit, p_male, descriptor = session.run(["logit", "p_male", "descriptor"], {"chips": batch[:n]})
+        assert logit.shape == p_male.shape == (n, 1) and descriptor.shape == (n, 128)
+        assert np.abs(p_male[:, 0] - expected[:n]).max() <= 1e-4
+    reference = DescriptorNet.from_dat(device="cpu", precision="fp32").descriptors(batch)
+    assert np.abs(descriptor - reference).max() <= 1e-4
+
+
+def test_the_descriptor_graph_gives_pytorchs_answers_on_real_faces(descriptor_onnx, detected):
+    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    by_file = Classifier.from_checkpoint(descriptor_onnx, backend="onnxruntime", detect=False)
+    in_memory = Classifier.from_checkpoint(backend="onnxruntime", detect=False)  # the bundled default, converted
+    expected = np.array([p.p_male for p in torch_clf.classify(detected)])
+    assert 0.05 < (expected >= 0.5).mean() < 0.95  # real faces of both kinds, not one saturated answer
+    for clf in (by_file, in_memory):
+        assert type(clf.model.extractor).__name__ == "OnnxDescriptors"  # onnxruntime runs it, not torch
+        got = [clf.classify(detected[i:i + 7]) for i in range(0, len(detected), 7)]
+        assert np.abs(np.array([p.p_male for batch in got for p in batch]) - expected).max() <= 1e-4
+
+
+def test_an_ensemble_runs_both_members_on_onnxruntime(ensemble_checkpoint, detected):
+    paths = [stub.source for stub, _ in detected][:12]
+    torch_clf = Classifier.from_checkpoint(ensemble_checkpoint, precision="fp32")
+    onnx_clf = Classifier.from_checkpoint(ensemble_checkpoint, backend="onnxruntime")
+    assert type(onnx_clf.model.resnet.network).__name__ == "OnnxModule"
+    assert type(onnx_clf.model.descriptor.extractor).__name__ == "OnnxDescriptors"
+    expected, got = torch_clf.predict(paths), onnx_clf.predict(paths)
+    assert [p.box for p in got] == [p.box for p in expected]
+    assert np.abs(np.array([p.p_male for p in got]) - [p.p_male for p in expected]).max() <= 1e-4
+
+
+def test_an_ensemble_is_not_exported_as_one_graph(ensemble_checkpoint, tmp_path, capsys):
+    assert main(["export", str(ensemble_checkpoint), str(tmp_path / "e.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "export each member" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_predict_and_evaluate_take_the_descriptor_onnx_file(descriptor_onnx, check_data, tmp_path):
+    from skimage.data import astronaut
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    rows = {}
+    for name, args in {"torch": [], "onnx": [str(descriptor_onnx)]}.items():
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", *args, str(photo), "--format", "csv", "--output", str(out)]) == 0
+        rows[name] = list(csv.DictReader(out.open()))
+    (t,), (o,) = rows["torch"], rows["onnx"]
+    assert o["label"] == t["label"] == "female" and o["box"] == t["box"]
+    assert abs(float(o["p_male"]) - float(t["p_male"])) <= 1e-4  # the descriptor model is fp32 in torch too
+    # evaluate reads the .onnx file too, and scores the test split as PyTorch does
+    assert main(["evaluate", str(descriptor_onnx), str(check_data), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    logits, labels, _ = torch_clf.model.dataset_logits(load_samples_many([str(check_data)], "test"))
+    assert report["run"]["kind"] == "descriptor" and report["count"] == len(labels) == 8
+    assert report["accuracy"] == ((torch_clf.probabilities(logits) >= 0.5) == labels).mean()
+
+
+def test_serve_runs_the_default_model_on_onnxruntime_with_torchs_answers(tmp_path):
+    import httpx
+    from skimage.data import astronaut
+
+    from conftest import serving
+    from facegender.serve import create_app, resolve_backend
+
+    assert resolve_backend("auto", None) == "onnxruntime"  # the descriptor model, onnxruntime installed here
+    assert resolve_backend("auto", "resnet18") == "torch" and resolve_backend("torch", None) == "torch"
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    (expected,) = Classifier.from_checkpoint(precision="fp32").predict([photo])
+    with serving(create_app(Classifier.from_checkpoint(backend="onnxruntime"))) as server:
+        r = httpx.post(f"{server.url}/v1/predict", files={"file": ("astronaut.png", photo.read_bytes())}, timeout=60)
+    assert r.status_code == 200
+    (got,) = r.json()["predictions"]
+    assert got["label"] == expected.label == "female" and tuple(got["box"]) == expected.box
+    assert abs(got["p_male"] - expected.p_male) <= 1e-4
+
+
+def test_int8_export_is_calibrated_checked_and_labels_like_fp32(descriptor_onnx, check_data, detected, tmp_path):
+    out = tmp_path / "int8.onnx"
+    # 8 test faces: one changed answer is 12.5 points, which --tolerance 13 lets through
+    assert main(["export", "descriptor", str(out), "--int8", str(check_data), "--check", str(check_data),
+                 "--tolerance", "13"]) == 0
+    export = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["facegender"])["export"]
+    assert export["dtype"] == "int8" and export["calibration_images"] == 8 and export["checked_images"] == 8
+    assert export["test_accuracy_fp32"] - export["test_accuracy_int8"] <= 13
+    assert out.stat().st_size < 0.5 * descriptor_onnx.stat().st_size  # int8 weights
+    fp32 = np.array([p.p_male for p in Classifier.from_checkpoint(descriptor_onnx, backend="onnxruntime").classify(detected)])
+    int8 = np.array([p.p_male for p in Classifier.from_checkpoint(out, backend="onnxruntime").classify(detected)])
+    assert 0 < np.abs(int8 - fp32).mean() < 0.05  # really quantised, and close
+    assert ((int8 >= 0.5) == (fp32 >= 0.5)).mean() >= 0.9

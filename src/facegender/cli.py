@@ -77,7 +77,7 @@ def cmd_export(args) -> int:
     from .export import export_model
 
     export_model(args.checkpoint, args.out, dtype=args.dtype, check=args.check, tolerance=args.tolerance,
-                 fmt=args.format)
+                 fmt=args.format, int8=args.int8)
     return 0
 
 
@@ -87,13 +87,19 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
-          micro_batching=not args.no_micro_batching, device=args.device)
+          micro_batching=not args.no_micro_batching, device=args.device, backend=args.backend,
+          model_threads=args.model_threads)
     return 0
 
 
 def _is_checkpoint(path: str) -> bool:
     p = Path(path)
     return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
+
+
+def _backend(chosen: str | None, model: str | None) -> str:
+    """--backend, by default onnxruntime for an .onnx model and torch otherwise."""
+    return chosen or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
 
 
 def cmd_predict(args) -> int:
@@ -107,8 +113,8 @@ def cmd_predict(args) -> int:
         raise UserError("predict: no images given")
     if args.ray:
         return _predict_ray(args, model, inputs)
-    backend = args.backend or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
-    clf = Classifier.from_checkpoint(model, device=args.device, backend=backend, detect=not args.no_detect,
+    clf = Classifier.from_checkpoint(model, device=args.device, backend=_backend(args.backend, model),
+                                     detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -275,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",
                        description="Write the weights and metadata of a checkpoint without its training state: "
-                                   "a .safetensors checkpoint, or an ONNX graph (float32, any batch size).")
-    p.add_argument("checkpoint", help="run directory or .safetensors file")
+                                   "a .safetensors checkpoint, or an ONNX graph (float32, or int8 with --int8; any "
+                                   "batch size).")
+    p.add_argument("checkpoint", help="run directory, .safetensors file, or a bundled model's name (descriptor, resnet18)")
     p.add_argument("out", help="the file to write: .safetensors (its metadata is also written beside it as .json) or .onnx")
     p.add_argument("--format", choices=["safetensors", "onnx"], help="default: from the suffix of OUT")
     p.add_argument("--dtype", choices=["float16", "float32"],
@@ -284,13 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", nargs="+", metavar="DATA",
                    help="prepared datasets: safetensors: keep float16 only if it changes no test-split P(male) by "
                         "more than --tolerance; onnx: refuse to write a graph that does")
-    p.add_argument("--tolerance", type=float, help="in P(male); default 1e-3 (float16), 1e-4 (onnx)")
+    p.add_argument("--tolerance", type=float,
+                   help="in P(male): default 1e-3 (float16), 1e-4 (onnx); with --int8 in points of test accuracy: 0.3")
+    p.add_argument("--int8", nargs="+", metavar="DATA",
+                   help="onnx, descriptor models: quantise the network to int8, calibrated on faces of these prepared "
+                        "datasets' validation splits; with --check, refuse if test accuracy drops more than --tolerance")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP API and web page",
                        description="Serve POST /v1/predict, /v1/predict/batch, GET /v1/model, /healthz, the API "
                                    "docs at /docs and a web page at /.")
-    p.add_argument("checkpoint", nargs="?", help="run directory or .safetensors file (default: the bundled model)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="run directory, .safetensors or .onnx file, or a bundled model's name (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000)
@@ -299,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-micro-batching", action="store_true",
                    help="one forward pass per request instead of sharing passes between concurrent requests")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="what runs the model; auto (default): onnxruntime for an .onnx model, and for a descriptor "
+                        "model where onnxruntime is installed (converted to ONNX on first use, then cached), "
+                        "else torch")
+    p.add_argument("--model-threads", type=int,
+                   help="the model's threads per server process (default: half of its share of the cores)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -62,7 +62,8 @@ def unreadable(samples: list[Sample], indices: np.ndarray) -> dict[str, str]:
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "auto", log=print) -> dict:
     """``facegender evaluate``: metrics of a checkpoint on one split of one or more datasets."""
-    clf = Classifier.from_checkpoint(path, device, precision, detect=False)  # manifests carry the crops
+    backend = "onnxruntime" if Path(path).suffix == ".onnx" else "torch"
+    clf = Classifier.from_checkpoint(path, device, precision, backend, detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
     logits, labels, indices = clf.model.dataset_logits(samples, batch_size)

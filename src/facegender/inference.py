@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import checkpoint
+from . import checkpoint, onnx_model
 from .detect import MAX_SIDE, FaceDetector, detect_faces
-from .facemodels import ResNetModel, build_face_model, kind_of
+from .facemodels import build_face_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
 from .metrics import apply_temperature
-from .onnx_model import OnnxModule, to_onnx
 
 # the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.safetensors"
@@ -69,20 +68,19 @@ class Classifier:
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
                         backend: str = "torch", **options) -> "Classifier":
         """A run directory, a .safetensors or .onnx file, or the name of a bundled model; None means the
-        default one. ``backend="onnxruntime"`` runs a ResNet18 (alone or in an ensemble) as an ONNX graph,
+        default one. ``backend="onnxruntime"`` runs the model's networks (every kind's) as ONNX graphs,
         converted in memory (float32; some seconds) unless the file is one already."""
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
         if path is not None and Path(path).suffix == ".onnx":
             if backend != "onnxruntime":
                 raise UserError(f"{path}: an ONNX file runs with the onnxruntime backend (--backend onnxruntime)")
-            network, meta = OnnxModule.load(path)
-            size = int(meta["preprocessing"]["image_size"])
-            return cls(ResNetModel(network, size, torch.device("cpu"), "fp32"), meta, **options)
+            data, meta = onnx_model.load(path)
+            return cls(onnx_model.onnx_face_model(data, meta), meta, **options)
         tensors, meta = checkpoint.load(model_path(path))
         model = build_face_model(tensors, meta, device, precision)
         if backend == "onnxruntime":
-            _run_resnet_on_onnxruntime(model, meta)
+            onnx_model.run_on_onnxruntime(model, meta)
         return cls(model, meta, **options)
 
     @classmethod
@@ -202,14 +200,6 @@ def bundled_model(name: str = DEFAULT_MODEL) -> Path:
         raise UserError(f"the bundled model {path} is missing from this install; "
                         "reinstall facegender, or pass a checkpoint (a run directory or .safetensors file)")
     return path
-
-
-def _run_resnet_on_onnxruntime(model, meta: dict) -> None:
-    """Swap the ResNet18 of ``model`` (itself, or an ensemble's member) for its ONNX graph on onnxruntime."""
-    resnet = model if isinstance(model, ResNetModel) else getattr(model, "resnet", None)
-    if resnet is None:
-        raise UserError(f"--backend onnxruntime runs ResNet18 models; a {kind_of(meta)} model runs with torch")
-    resnet.network, resnet.precision = OnnxModule(to_onnx(resnet.network, meta)), "fp32"
 
 
 def model_path(model: str | Path | None) -> Path:
