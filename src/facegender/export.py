@@ -50,7 +50,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
         raise UserError(f"{out}: --int8 writes an ONNX graph: name it .onnx")
     if fmt == "onnx":
         if dtype not in (None, "float32"):
-            raise UserError(f"--dtype {dtype}: ONNX export writes float32 (or int8 with --int8) only")
+            raise UserError(f"--dtype {dtype}: ONNX export writes float32 only (or int8, with --int8)")
         return export_onnx(source, out, check, tolerance, log, int8)
     dtype, tolerance = dtype or "float16", 1e-3 if tolerance is None else tolerance
     path = model_path(source)
