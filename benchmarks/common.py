@@ -53,3 +53,20 @@ def matmul_tflops(dtype, n: int | None = None, seconds: float = 2.0, device=None
             count += 1
         sync()
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def batch_rate(run, chips, batch: int, seconds: float) -> tuple[float, float]:
+    """``run`` on batches of ``batch`` chips for ``seconds`` after one warm-up call: (faces per wall-clock
+    second, CPU milliseconds per face summed over the process's threads)."""
+    import time
+
+    batches = [chips[i:i + batch] for i in range(0, len(chips) - batch + 1, batch)]
+    run(batches[0])  # warm-up
+    seen, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+        for b in batches:
+            run(b)
+            seen += len(b)
+            if time.perf_counter() - start >= seconds:
+                break
+    return seen / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / seen

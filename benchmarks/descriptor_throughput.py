@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import SHARED
+from common import SHARED, batch_rate
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.dlibnet import MODEL_FILE, DescriptorNet, face_chips, full_object_detection
 from facegender.inference import Classifier
@@ -52,20 +51,6 @@ def real_chips(n: int) -> tuple[np.ndarray, str]:
     chip = chips_of(skimage.data.astronaut())[0]
     variants = [np.roll(chip[:, ::-1] if i % 2 else chip, i // 2, axis=1) for i in range(n)]
     return np.stack(variants), "scikit-image's astronaut (flipped and shifted copies; UTKFace is absent)"
-
-
-def rate(run, chips: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:
-    """(faces per wall-clock second, CPU milliseconds per face summed over the process's threads)."""
-    batches = [chips[i:i + batch] for i in range(0, len(chips) - batch + 1, batch)]
-    run(batches[0])  # warm-up
-    seen, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds:
-        for b in batches:
-            run(b)
-            seen += len(b)
-            if time.perf_counter() - start >= seconds:
-                break
-    return seen / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / seen
 
 
 def cosine_range(a: np.ndarray, b: np.ndarray) -> str:
@@ -113,7 +98,7 @@ def main() -> None:
     rates = {key: [] for key in configs}
     for _ in range(args.rounds):
         for key, run in configs.items():
-            rates[key].append(rate(run, chips, key[2], args.seconds))
+            rates[key].append(batch_rate(run, chips, key[2], args.seconds))
     def medians(key):
         return statistics.median(v[0] for v in rates[key]), statistics.median(v[1] for v in rates[key])
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import batch_rate
 from facegender.data import load_samples_many
 from facegender.descriptors import _chip_of, cached_descriptors
 from facegender.inference import Classifier
@@ -38,19 +39,6 @@ def chips_of(samples, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
         cut = list(pool.map(_chip_of, [(s.path, s.landmarks) for s in samples], chunksize=64))
     good = np.array([i for i, (c, _) in enumerate(cut) if c is not None])
     return np.stack([cut[i][0] for i in good]), good
-
-
-def cpu_ms_per_face(run, chips: np.ndarray, batch: int, seconds: float) -> float:
-    batches = [chips[i:i + batch] for i in range(0, len(chips) - batch + 1, batch)]
-    run(batches[0])
-    seen, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds:
-        for b in batches:
-            run(b)
-            seen += len(b)
-            if time.perf_counter() - start >= seconds:
-                break
-    return (time.process_time() - cpu) * 1000 / seen
 
 
 def main() -> None:
@@ -111,7 +99,7 @@ def main() -> None:
     times = {(name, b): [] for name in runs for b in (1, 64)}
     for _ in range(args.rounds):
         for (name, b) in times:
-            times[name, b].append(cpu_ms_per_face(runs[name], sample, b, args.seconds))
+            times[name, b].append(batch_rate(runs[name], sample, b, args.seconds)[1])
     base = {b: statistics.median(times["torch fp32", b]) for b in (1, 64)}
     print(f"\nCPU ms per face, medians of {args.rounds} rounds (x: speed against torch fp32)")
     for name in runs:
