@@ -6,10 +6,13 @@ offline; nothing is downloaded at run time.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -69,8 +72,10 @@ def packaged_model(name: str) -> Path:
 class FaceDetector:
     """dlib HOG detector + 5-point landmarks. Cheap to construct: the models load on first use.
 
-    One instance may be shared by the threads of a process: dlib's detector objects are not safe to share,
-    so each thread gets its own, and dlib releases the GIL while it searches, so threads run in parallel.
+    One instance may be shared by the threads of a process. dlib's detector objects are not safe to share
+    (each keeps scratch state), so a thread borrows a set of its own for each image and gives it back:
+    at most one set per thread that detects at once is ever loaded, and later threads (a new pool, a new
+    request) reuse them. dlib releases the GIL while it searches, so threads run in parallel.
     """
 
     def __init__(self, min_score: float = 0.0, always_upsample: bool = False):
@@ -78,18 +83,24 @@ class FaceDetector:
         # True: search small images at double size even where native scale found a face, which also finds
         # faces of 40-80 px beside bigger ones in them, at about five times the cost
         self.always_upsample = always_upsample
-        self._local = threading.local()
+        self._idle: list = []  # loaded (detector, landmarks, dlib) sets that no thread is using now
+        self._lock = threading.Lock()
 
-    def _load(self):
-        models = getattr(self._local, "models", None)
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[tuple]:
+        with self._lock:
+            models = self._idle.pop() if self._idle else None
         if models is None:
             try:
                 import dlib
             except ImportError:
                 raise UserError(f"face detection needs dlib: {INSTALL_HINT}") from None
-            models = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
-            self._local.models = models
-        return models
+            models = pickle.loads(_hog_detector()), dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
+        try:
+            yield models
+        finally:
+            with self._lock:
+                self._idle.append(models)
 
     def detect(self, image: Image.Image) -> list[Face]:
         """Every face in ``image``, largest first."""
@@ -98,16 +109,17 @@ class FaceDetector:
         if scale < 1.0:
             rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
         a = np.asarray(rgb)
-        faces = self._detect(a, 0, 0)
-        if not faces:
-            dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
-            faces = self._detect(np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
+        with self._borrowed() as models:
+            faces = self._detect(models, a, 0, 0)
+            if not faces:
+                dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
+                faces = self._detect(models, np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
         faces = [_scaled(f, 1.0 / scale) for f in faces] if scale < 1.0 else faces
         return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
 
-    def _detect(self, a: np.ndarray, dx: int, dy: int) -> list[Face]:
+    def _detect(self, models: tuple, a: np.ndarray, dx: int, dy: int) -> list[Face]:
         """Faces in ``a``, shifted by (-dx, -dy) into the coordinates of the image it was padded from."""
-        hog, landmarks, dlib = self._load()
+        hog, landmarks, dlib = models
         a = np.ascontiguousarray(a)
         small = max(a.shape[:2]) < UPSAMPLE_BELOW
         rects, scores, _ = hog.run(a, int(small and self.always_upsample), self.min_score)
@@ -123,6 +135,21 @@ class FaceDetector:
             box = (rect.left() - dx, rect.top() - dy, rect.right() + 1 - dx, rect.bottom() + 1 - dy)
             faces.append(Face(tuple(float(v) for v in box), float(score), left, right, tuple(pts)))
         return faces
+
+
+_HOG_LOCK = threading.Lock()
+_HOG: list[bytes] = []
+
+
+def _hog_detector() -> bytes:
+    """dlib's HOG face detector, pickled. Building it takes dlib about half a second (it decodes the model
+    from text); a copy unpickles in milliseconds, so every thread's own copy is made from this one."""
+    with _HOG_LOCK:
+        if not _HOG:
+            import dlib
+
+            _HOG.append(pickle.dumps(dlib.get_frontal_face_detector()))
+        return _HOG[0]
 
 
 def _scaled(face: Face, k: float) -> Face:
