@@ -6,7 +6,7 @@ faces each (SCUT-FBP5500 portraits pasted at 150-190 px onto a blurred, enlarged
 folder goes through the command's own code (``facegender.cli.main``), once as it ships and once the way
 it worked before (always searching small images at double size, detection in the main thread), side by
 side in one run. The model's start-up is timed separately and left out of the rate. No arguments needed:
-    python benchmarks/photo_throughput.py [--photos 300] [--composites 60] [--backend torch]
+    python benchmarks/photo_throughput.py [--photos 300] [--composites 60] [--backend auto|torch|onnxruntime]
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=300, help="single-face 250 px photos")
     parser.add_argument("--composites", type=int, default=60, help="three-face 640x480 photos")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                        help="as predict --backend (default auto: onnxruntime for the descriptor model)")
     parser.add_argument("--models", default="descriptor,resnet18",
                         help="bundled models (or checkpoints), comma-separated; the first is also timed as before")
     args = parser.parse_args()

@@ -127,3 +127,10 @@ def test_threads_sharing_one_detector_find_what_one_thread_finds():
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda im: [f.box for f in shared.detect(im)], images))
     assert together == alone and all(len(boxes) == 1 for boxes in alone)
+    # at most one set of models per thread was loaded, and the threads of later pools reuse them
+    loaded = {id(models) for models in shared._idle}
+    assert 1 <= len(loaded) <= 4
+    for image, boxes in zip(images[:3], alone):
+        with ThreadPoolExecutor(1) as pool:
+            assert [f.box for f in pool.submit(shared.detect, image).result()] == boxes
+    assert {id(models) for models in shared._idle} == loaded

@@ -251,7 +251,8 @@ def test_serve_runs_the_default_model_on_onnxruntime_with_torchs_answers(tmp_pat
     from skimage.data import astronaut
 
     from conftest import serving
-    from facegender.serve import create_app, resolve_backend
+    from facegender.inference import resolve_backend
+    from facegender.serve import create_app
 
     assert resolve_backend("auto", None) == "onnxruntime"  # the descriptor model, onnxruntime installed here
     assert resolve_backend("auto", "resnet18") == "torch" and resolve_backend("torch", None) == "torch"

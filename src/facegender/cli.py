@@ -97,11 +97,6 @@ def _is_checkpoint(path: str) -> bool:
     return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
 
 
-def _backend(chosen: str | None, model: str | None) -> str:
-    """--backend, by default onnxruntime for an .onnx model and torch otherwise."""
-    return chosen or ("onnxruntime" if model and Path(model).suffix == ".onnx" else "torch")
-
-
 def cmd_predict(args) -> int:
     from .inference import Classifier, expand_inputs
 
@@ -113,7 +108,7 @@ def cmd_predict(args) -> int:
         raise UserError("predict: no images given")
     if args.ray:
         return _predict_ray(args, model, inputs)
-    clf = Classifier.from_checkpoint(model, device=args.device, backend=_backend(args.backend, model),
+    clf = Classifier.from_checkpoint(model, device=args.device, backend=args.backend,
                                      detect=not args.no_detect,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
@@ -263,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write to this file instead of standard output (with --ray: a folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"],
-                   help="what runs the model (default: onnxruntime for an .onnx model, torch otherwise); "
-                        "onnxruntime converts a .safetensors model to ONNX first")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="what runs the model (default auto: onnxruntime for an .onnx file and for a descriptor "
+                        "model where it is installed, torch otherwise); onnxruntime converts a .safetensors "
+                        "model to ONNX first (cached)")
     p.add_argument("--workers", type=int, help="threads decoding and detecting faces while the model runs "
                    "(default: one per CPU, at most 4; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")

@@ -28,7 +28,7 @@ from swagger_ui_bundle import swagger_ui_path
 from .images import BadImage, decode_rgb
 from . import checkpoint as checkpoint_files
 from .facemodels import kind_of
-from .inference import Classifier, Prediction, model_path
+from .inference import Classifier, Prediction, model_path, resolve_backend
 from .io import UserError
 
 MAX_BATCH_IMAGES = 32  # images in one /v1/predict/batch request
@@ -403,7 +403,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           model_threads: int | None = None, log_level: str = "info") -> None:
     """Run the server (blocking). With several workers each process loads the model and batches alone.
 
-    ``backend`` auto (``resolve_backend``) runs a descriptor model on onnxruntime where the `onnx` extra is
+    ``backend`` auto (``inference.resolve_backend``) runs a descriptor model on onnxruntime where the `onnx` extra is
     installed: the same answers (P(male) within 1e-4) for less CPU per request (README, "Serving").
     ``model_threads``: the model's threads in each process (default: half of the process's share of the cores).
     """
@@ -420,23 +420,13 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
         uvicorn.run(app_from_environment(), host=host, port=port, log_level=log_level)
         return
     # a wrong path is one message here, not one per worker; an ONNX conversion is done (and cached) once
-    Classifier.from_checkpoint(checkpoint, device=device, backend=backend, detect=False)
+    path = model_path(checkpoint)
+    if path.suffix != ".onnx":
+        kind_of(checkpoint_files.read_meta(path))  # a kind of model this facegender runs
+        if backend == "onnxruntime":
+            Classifier.from_checkpoint(path, device=device, backend=backend, detect=False)
     uvicorn.run("facegender.serve:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
-
-
-def resolve_backend(backend: str, checkpoint: str | None) -> str:
-    """``auto``: onnxruntime for an .onnx file, and for a descriptor model where onnxruntime is installed
-    (the only kind measured faster there so far), else torch. Other names stay as they are."""
-    if backend != "auto":
-        return backend
-    import importlib.util
-
-    path = model_path(checkpoint)
-    if path.suffix == ".onnx":
-        return "onnxruntime"
-    installed = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
-    return "onnxruntime" if installed and kind_of(checkpoint_files.read_meta(path)) == "descriptor" else "torch"
 
 
 _ENV = "FACEGENDER_SERVE"
