@@ -110,7 +110,8 @@ class Classifier:
         return list(self.iter_predict(images, batch_size))
 
     def iter_predict(self, images: Iterable, batch_size: int = 64, workers: int | None = None) -> Iterator[Prediction]:
-        """Like ``predict``, streaming: at most ``batch_size`` faces (plus a few images being decoded) are held.
+        """Like ``predict``, streaming: what is held is a batch of faces, and the faces of at most about as
+        many images ahead (their model inputs, not the decoded images).
 
         ``workers`` threads decode and detect (``faces``) ahead while this one runs the model (``classify``);
         default: one per CPU, at most 4; 0 does everything in the calling thread.
@@ -121,7 +122,9 @@ class Classifier:
 
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         batch: list[tuple[Prediction, np.ndarray]] = []
-        for found in _ordered_map(faces, enumerate(images), workers):
+        # While this thread runs a batch, the workers go on detecting for the next one: a look-ahead shorter
+        # than a batch would leave them idle for most of the model's turn.
+        for found in _ordered_map(faces, enumerate(images), workers, ahead=max(4 * workers, batch_size)):
             for stub, face in found:
                 if face is None:  # nothing to classify: keep the output in input order
                     yield from self.classify(batch)
@@ -176,8 +179,9 @@ class Classifier:
         return Image.fromarray(array)
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead_per_worker: int = 4) -> Iterator:
-    """``map(fn, items)`` on ``workers`` threads, in order, with at most a few items in flight per thread."""
+def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int | None = None) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, in order, with at most ``ahead`` items in flight
+    (default: four per thread)."""
     if workers <= 0:
         yield from map(fn, items)
         return
@@ -186,7 +190,7 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead_per_worker: 
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= workers * ahead_per_worker:
+                if len(pending) >= (ahead or 4 * workers):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
