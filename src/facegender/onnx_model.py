@@ -255,7 +255,7 @@ class OnnxDescriptors:
         import onnx.utils
 
         self.session = _session(model_bytes, threads)
-        proto = onnx.load_model_from_string(model_bytes)
+        proto = _parse(model_bytes, "the descriptor graph")
         head = onnx.utils.Extractor(proto).extract_model(["descriptor"], ["logit"])
         del proto.metadata_props[:]  # the same graph under other metadata gives the same descriptors
         self.name = f"onnx-{hashlib.sha256(proto.SerializeToString()).hexdigest()[:16]}"
