@@ -226,8 +226,8 @@ def _session(model_bytes: bytes, threads: int | None = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise
     # Between runs its threads would spin, waiting for work, on the cores that the threads detecting faces
-    # (predict, serve) need. Interleaved runs of predict DIR without spinning: 1.04x single-face and 1.05x
-    # multi-face photos/s, within this machine's noise; the model alone showed no difference either way.
+    # (predict, serve) need. On the 2-core machine of README "Fast prediction" the difference was within
+    # the noise either way.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     return ort.InferenceSession(model_bytes, options, providers=providers)
