@@ -53,7 +53,7 @@ def as_before():
     """The prediction path before this work: doubled search on every small image, detection in the main thread."""
     original_detector, original_map = inference.FaceDetector, inference._ordered_map
     inference.FaceDetector = lambda: FaceDetector(always_upsample=True)
-    inference._ordered_map = lambda fn, items, workers, **_: original_map(fn, items, 0)
+    inference._ordered_map = lambda fn, items, workers, **_: original_map(fn, items, 0, ahead=1)
     try:
         yield
     finally:

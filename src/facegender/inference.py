@@ -179,9 +179,9 @@ class Classifier:
         return Image.fromarray(array)
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int | None = None) -> Iterator:
-    """``map(fn, items)`` on ``workers`` threads, in order, with at most ``ahead`` items in flight
-    (default: four per thread)."""
+def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, in order, with at most ``ahead`` items in flight (at least
+    one per thread, so that none idles); ``workers`` 0 maps in this thread."""
     if workers <= 0:
         yield from map(fn, items)
         return
@@ -190,7 +190,7 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int | None 
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= (ahead or 4 * workers):
+                if len(pending) >= max(ahead, workers):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
