@@ -85,6 +85,20 @@ def test_a_descriptor_head_is_a_real_model_everywhere(descriptor_run, scut_small
     assert astronaut.faces == 1 and astronaut.label == "female" and astronaut.confidence > 0.5
 
 
+def test_evaluate_names_why_it_skipped_a_file(descriptor_run, scut_small, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a JPEG")
+    rows = (scut_small / "manifest.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    extra = dict.fromkeys(header, "") | {"path": str(broken), "label": "female", "split": "test", "source": "scut"}
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows + [",".join(extra[k] for k in header)]) + "\n")
+    metrics = evaluate_checkpoint(descriptor_run, [str(manifest)], out=tmp_path / "eval", **quiet)
+    assert metrics["run"]["skipped_files"] == 1
+    ((path, reason),) = metrics["run"]["skipped_examples"].items()
+    assert path == str(broken) and "not an image" in reason  # the decoder's own words, not a generic one
+
+
 def test_an_ensemble_combines_a_resnet_and_a_descriptor_head(descriptor_run, scut_small, tmp_path):
     resnet = tmp_path / "resnet"
     train(load_config(weights="none", epochs=1, batch_size=32, workers=2), [str(scut_small)], resnet, **quiet)

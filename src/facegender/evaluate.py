@@ -53,10 +53,10 @@ def checkpoint_summary(metrics: dict) -> dict:
     return brief(metrics) | {"by_source": {src: brief(m) for src, m in metrics.get("by_source", {}).items()}}
 
 
-def unreadable(samples: list[Sample], indices: np.ndarray) -> dict[str, str]:
+def unreadable(samples: list[Sample], indices: np.ndarray, reasons: dict[str, str]) -> dict[str, str]:
     """The samples a model could not read (those missing from ``indices``), path -> reason."""
     missing = set(range(len(samples))) - set(indices.tolist())
-    return {samples[i].path: "unreadable (see the warnings)" for i in sorted(missing)}
+    return {samples[i].path: reasons.get(samples[i].path, "unreadable") for i in sorted(missing)}
 
 
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
@@ -66,9 +66,10 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     clf = Classifier.from_checkpoint(path, device, precision, backend, detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
-    logits, labels, indices = clf.model.dataset_logits(samples, batch_size)
+    reasons: dict[str, str] = {}
+    logits, labels, indices = clf.model.dataset_logits(samples, batch_size, reasons)
     metrics = assess(logits, labels, [samples[i] for i in indices], clf.threshold, clf.temperature)
-    bad = unreadable(samples, indices)
+    bad = unreadable(samples, indices, reasons)
     metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "kind": clf.kind, "split": split,
                       "data": [str(d) for d in data], "seconds": round(time.perf_counter() - started, 1),
                       "skipped_files": len(bad), "skipped_examples": dict(list(bad.items())[:20])}

@@ -62,8 +62,11 @@ class ResNetModel:
                 out = (out + self.network(x.flip(3)).squeeze(1)) / 2
         return out.float().cpu().numpy()
 
-    def dataset_logits(self, samples: list[Sample], batch_size: int = 256) -> Logits:
+    def dataset_logits(self, samples: list[Sample], batch_size: int = 256, skipped: dict | None = None) -> Logits:
+        """Logits of the samples that decode; ``skipped``, if given, gets each other sample's path -> reason."""
         cached = cached_images(samples, self.size)
+        if skipped is not None:
+            skipped.update(cached.bad)
         logits, labels, indices = [], [], []
         for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
             logits.append(self.logits(images))
@@ -114,8 +117,10 @@ class DescriptorModel:
         chips = inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs))
         return self.head.logits(self.extractor(chips))
 
-    def dataset_logits(self, samples: list[Sample], batch_size: int = 256) -> Logits:
+    def dataset_logits(self, samples: list[Sample], batch_size: int = 256, skipped: dict | None = None) -> Logits:
         d = cached_descriptors(samples, extractor=self._extractor)
+        if skipped is not None:
+            skipped.update(d.bad)
         labels = np.array([s.label for s in samples], dtype=np.int64)
         return self.head.logits(d.vectors[d.good]), labels[d.good], d.good
 
@@ -139,9 +144,9 @@ class EnsembleModel:
         crops, chips = zip(*inputs)
         return self.combine(self.resnet.logits(crops), self.descriptor.logits(chips))
 
-    def dataset_logits(self, samples: list[Sample], batch_size: int = 256) -> Logits:
-        zr, labels, ir = self.resnet.dataset_logits(samples, batch_size)
-        zd, _, id_ = self.descriptor.dataset_logits(samples, batch_size)
+    def dataset_logits(self, samples: list[Sample], batch_size: int = 256, skipped: dict | None = None) -> Logits:
+        zr, labels, ir = self.resnet.dataset_logits(samples, batch_size, skipped)
+        zd, _, id_ = self.descriptor.dataset_logits(samples, batch_size, skipped)
         both, in_r, in_d = np.intersect1d(ir, id_, return_indices=True)
         return self.combine(zr[in_r], zd[in_d]), labels[in_r], both
 

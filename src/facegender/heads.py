@@ -109,9 +109,10 @@ def _finish(out: Path, model, tensors: dict, meta: dict, splits: dict, started: 
     """Calibrate on validation, report on test, and write best.safetensors and the reports."""
     val_logits, val_labels, _ = model.dataset_logits(splits["val"])
     temperature = fit_temperature(val_logits, val_labels)
-    logits, labels, idx = model.dataset_logits(splits["test"])
+    reasons: dict[str, str] = {}
+    logits, labels, idx = model.dataset_logits(splits["test"], skipped=reasons)
     metrics = assess(logits, labels, [splits["test"][i] for i in idx], meta["threshold"], temperature)
-    bad = unreadable(splits["test"], idx)
+    bad = unreadable(splits["test"], idx, reasons)
     metrics["run"] = {"kind": meta["kind"], "wall_seconds": round(time.perf_counter() - started, 1),
                       "skipped_files": len(bad), "skipped_examples": dict(list(bad.items())[:20]), **run}
     meta = meta | {"temperature": temperature, "test_metrics": checkpoint_summary(metrics)}
