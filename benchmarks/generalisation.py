@@ -38,9 +38,8 @@ from sklearn.linear_model import LogisticRegression
 
 from facegender.config import load_config
 from facegender.data import load_samples, write_manifest
-from facegender.descriptors import cached_descriptors
-from facegender.evaluate import assess
-from facegender.heads import train_descriptor_head, train_ensemble
+from facegender.evaluate import assess, assess_model
+from facegender.heads import labelled_descriptors, train_descriptor_head, train_ensemble
 from facegender.inference import Classifier
 from facegender.io import write_text
 from facegender.train import train
@@ -78,8 +77,7 @@ def fit(kind: str, run: Path, manifest: Path, args, teacher: Path, reference: Pa
 
 def score(run: Path, samples: list) -> dict:
     clf = Classifier.from_checkpoint(run, detect=False)
-    logits, labels, idx = clf.model.dataset_logits(samples)
-    return assess(logits, labels, [samples[i] for i in idx], clf.threshold, clf.temperature)
+    return assess_model(clf.model, samples, clf.threshold, clf.temperature)[0]
 
 
 def probe_faces(spec: str) -> dict[str, int]:
@@ -98,18 +96,13 @@ def score_probe(datasets: dict[str, list], held_out: str, tested: list, sizes: d
     """Fit the probe on ``draws`` random samples of the other corpora and score each fit on ``tested``.
 
     The accuracy is the mean over draws (with its spread); the other figures are the median draw's."""
-    def described(samples):
-        d = cached_descriptors(samples, progress=False)
-        labels = np.array([s.label for s in samples])
-        return d.vectors[d.good], labels[d.good], d.good
-
-    pools = {name: described(samples) for name, samples in datasets.items() if name != held_out}
-    x_test, y_test, kept = described(tested)
+    pools = {name: labelled_descriptors(samples)[:2] for name, samples in datasets.items() if name != held_out}
+    x_test, y_test, kept, _, _ = labelled_descriptors(tested)
     rng = np.random.default_rng(0)
     runs = []
     for _ in range(draws):
         picks = [(x, y, rng.choice(len(y), min(len(y), sizes.get(name, sizes.get("*", 3000))), replace=False))
-                 for name, (x, y, _) in pools.items()]
+                 for name, (x, y) in pools.items()]
         x = np.concatenate([x[i] for x, _, i in picks])
         y = np.concatenate([y[i] for _, y, i in picks])
         logits = LogisticRegression(max_iter=3000).fit(x, y).decision_function(x_test)

@@ -53,10 +53,19 @@ def checkpoint_summary(metrics: dict) -> dict:
     return brief(metrics) | {"by_source": {src: brief(m) for src, m in metrics.get("by_source", {}).items()}}
 
 
-def unreadable(samples: list[Sample], indices: np.ndarray, reasons: dict[str, str]) -> dict[str, str]:
-    """The samples a model could not read (those missing from ``indices``), path -> reason."""
+def assess_model(model, samples: list[Sample], threshold: float, temperature: float,
+                 batch_size: int = 256) -> tuple[dict, dict[str, str]]:
+    """A model's metrics on prepared samples, and the samples it could not read (path -> the cache's reason)."""
+    reasons: dict[str, str] = {}
+    logits, labels, indices = model.dataset_logits(samples, batch_size, reasons)
+    metrics = assess(logits, labels, [samples[i] for i in indices], threshold, temperature)
     missing = set(range(len(samples))) - set(indices.tolist())
-    return {samples[i].path: reasons.get(samples[i].path, "unreadable") for i in sorted(missing)}
+    return metrics, {samples[i].path: reasons.get(samples[i].path, "unreadable") for i in sorted(missing)}
+
+
+def skipped_summary(skipped: dict[str, str]) -> dict:
+    """The ``run`` entries of metrics.json for the files a run skipped: how many, and the first 20 with why."""
+    return {"skipped_files": len(skipped), "skipped_examples": dict(list(skipped.items())[:20])}
 
 
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
@@ -66,13 +75,10 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     clf = Classifier.from_checkpoint(path, device, precision, backend, detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
-    reasons: dict[str, str] = {}
-    logits, labels, indices = clf.model.dataset_logits(samples, batch_size, reasons)
-    metrics = assess(logits, labels, [samples[i] for i in indices], clf.threshold, clf.temperature)
-    bad = unreadable(samples, indices, reasons)
+    metrics, bad = assess_model(clf.model, samples, clf.threshold, clf.temperature, batch_size)
     metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "kind": clf.kind, "split": split,
                       "data": [str(d) for d in data], "seconds": round(time.perf_counter() - started, 1),
-                      "skipped_files": len(bad), "skipped_examples": dict(list(bad.items())[:20])}
+                      **skipped_summary(bad)}
     out = Path(out) if out else checkpoint.resolve(path).parent / f"eval_{split}"
     write_reports(out, metrics, None)
     log(format_report(metrics))

@@ -19,7 +19,7 @@ from . import checkpoint
 from .config import CLASSES, TrainConfig
 from .data import Sample
 from .descriptors import CHIP_PADDING, CHIP_SIZE, DESCRIPTOR_MODEL, DIMENSIONS, cached_descriptors
-from .evaluate import assess, checkpoint_summary, unreadable
+from .evaluate import assess_model, checkpoint_summary, skipped_summary
 from .facemodels import DescriptorHead, DescriptorModel, EnsembleModel, build_face_model, kind_of
 from .io import UserError
 from .metrics import fit_temperature, format_report
@@ -94,7 +94,9 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, 
     return head
 
 
-def _descriptors_of(samples: list[Sample], workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, int]:
+def labelled_descriptors(samples: list[Sample], workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, int]:
+    """The descriptors and labels of the samples that decode, their indices, the others (path -> reason),
+    and how many samples have no landmarks (their chip is the whole image)."""
     d = cached_descriptors(samples, workers=workers)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     return d.vectors[d.good], labels[d.good], d.good, d.bad, d.without_face
@@ -109,12 +111,9 @@ def _finish(out: Path, model, tensors: dict, meta: dict, splits: dict, started: 
     """Calibrate on validation, report on test, and write best.safetensors and the reports."""
     val_logits, val_labels, _ = model.dataset_logits(splits["val"])
     temperature = fit_temperature(val_logits, val_labels)
-    reasons: dict[str, str] = {}
-    logits, labels, idx = model.dataset_logits(splits["test"], skipped=reasons)
-    metrics = assess(logits, labels, [splits["test"][i] for i in idx], meta["threshold"], temperature)
-    bad = unreadable(splits["test"], idx, reasons)
+    metrics, bad = assess_model(model, splits["test"], meta["threshold"], temperature)
     metrics["run"] = {"kind": meta["kind"], "wall_seconds": round(time.perf_counter() - started, 1),
-                      "skipped_files": len(bad), "skipped_examples": dict(list(bad.items())[:20]), **run}
+                      **skipped_summary(bad), **run}
     meta = meta | {"temperature": temperature, "test_metrics": checkpoint_summary(metrics)}
     checkpoint.save(out / "best.safetensors", tensors, meta)
     write_reports(out, metrics, None)
@@ -134,9 +133,9 @@ def train_descriptor_head(config: TrainConfig, data: list[str], out: str | Path,
     splits = load_splits(data, config)
     log("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " | kind descriptor")
     workers = min(config.workers, 2)
-    x, y, _, bad, without_face = _descriptors_of(splits["train"], workers)
-    x_val, y_val, _, _, _ = _descriptors_of(splits["val"], workers)
-    _descriptors_of(splits["test"], workers)  # computed now, in parallel, rather than one by one at the end
+    x, y, _, bad, without_face = labelled_descriptors(splits["train"], workers)
+    x_val, y_val, _, _, _ = labelled_descriptors(splits["val"], workers)
+    labelled_descriptors(splits["test"], workers)  # computed now, in parallel, rather than one by one at the end
     described = time.perf_counter() - started
     fit_start = time.perf_counter()
     head = fit_logistic(x, y, x_val, y_val, log)

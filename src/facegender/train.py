@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import CLASSES, MEAN, STD, TrainConfig, load_config, save_config
 from .data import Sample, load_samples_many
-from .evaluate import assess, checkpoint_summary
+from .evaluate import assess, checkpoint_summary, skipped_summary
 from .facemodels import build_face_model
 from .io import UserError, write_text
 from .loaders import cached_images, fast_batches, on_device, reference_loader
@@ -403,8 +403,7 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
         "precision": run.precision,
         "pipeline": run.config.pipeline,
         "device": str(run.device),
-        "skipped_files": len(run.skipped),
-        "skipped_examples": dict(list(run.skipped.items())[:20]),
+        **skipped_summary(run.skipped),
     }
     # the shipped checkpoint carries its calibration and its test figures
     save_best(run, epoch=best_meta["epoch"], val_loss=best_meta["val_loss"], val_acc=best_meta["val_acc"],
