@@ -18,7 +18,7 @@ import numpy as np
 
 from facegender.data import load_samples_many
 from facegender.inference import Classifier
-from facegender.loaders import cached_images
+from facegender.crops import cached_images
 
 CELEBA_LOOSE_FROM = 182638
 

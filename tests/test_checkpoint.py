@@ -11,7 +11,7 @@ def test_roundtrip_keeps_tensors_and_metadata(tmp_path):
     path = tmp_path / "best.safetensors"
     tensors = {"model.w": torch.randn(3, 4), "model.b": torch.arange(5)}
     checkpoint.save(path, tensors, {"classes": ["female", "male"], "epoch": 3})
-    loaded, meta = checkpoint.load(path)
+    loaded, meta = checkpoint.load_torch(path)
     assert meta == {"classes": ["female", "male"], "epoch": 3}
     assert json.loads((tmp_path / "best.json").read_text()) == meta
     assert torch.equal(loaded["model.w"], tensors["model.w"])
@@ -29,7 +29,7 @@ def test_resolve_run_directory_and_errors(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 20)
     with pytest.raises(UserError, match="not a readable facegender checkpoint"):
-        checkpoint.load(junk)
+        checkpoint.load_torch(junk)
 
 
 def test_optimizer_state_roundtrip():

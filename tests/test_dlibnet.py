@@ -13,7 +13,7 @@ from conftest import shared
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.dlibnet import MODEL_FILE, DescriptorNet, converted_state, face_chips, full_object_detection, read_dat
 from facegender.io import UserError
-from facegender.loaders import cache_dir
+from facegender.io import cache_dir
 
 dlib = pytest.importorskip("dlib")
 

@@ -8,7 +8,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from facegender import descriptors
+from facegender import chips, descriptors
 from facegender.config import load_config
 from facegender.data import load_samples, prepare_csv
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
@@ -49,8 +49,8 @@ def test_the_chip_from_stored_landmarks_is_dlibs_own_chip():
     hog = dlib.get_frontal_face_detector()
     shape = dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL)))(a, hog(a, 0)[0])  # 512 px: the detector runs unupsampled
     expected = dlib.get_face_chip(a, shape, size=150, padding=0.25)
-    assert np.array_equal(descriptors.chip(image, flat), expected)
-    assert descriptors.chip(image, None).shape == (150, 150, 3)  # no landmarks: the whole image
+    assert np.array_equal(chips.chip(image, flat), expected)
+    assert chips.chip(image, None).shape == (150, 150, 3)  # no landmarks: the whole image
 
 
 def test_descriptors_are_cached_by_content_and_a_lost_shard_is_recomputed(scut_small, tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ from PIL import Image
 
 from facegender.data import Sample
 from facegender.images import load_face
-from facegender.loaders import cache_dir, cached_images, fast_batches, on_device
+from facegender.crops import cached_images
+from facegender.io import cache_dir
+from facegender.loaders import fast_batches, on_device
 
 
 def _samples(tmp_path, n=6):

@@ -157,7 +157,7 @@ def ensemble_checkpoint(tmp_path_factory):
     """An ensemble of the two bundled models, as `train --kind ensemble` would save it."""
     from facegender import checkpoint
 
-    (resnet, resnet_meta), (head, head_meta) = (checkpoint.load(BUNDLED_MODELS[k]) for k in ("resnet18", "descriptor"))
+    (resnet, resnet_meta), (head, head_meta) = (checkpoint.load_torch(BUNDLED_MODELS[k]) for k in ("resnet18", "descriptor"))
     meta = resnet_meta | {"kind": "ensemble", "head": head_meta["head"], "descriptor": head_meta["descriptor"],
                           "ensemble": {"weights": [0.4, 0.7], "bias": -0.1}}
     path = tmp_path_factory.mktemp("ensemble") / "ensemble.safetensors"

@@ -43,13 +43,15 @@ class Labeler:
     """A Ray Data actor: one model, loaded once, labelling batch after batch of files' bytes."""
 
     def __init__(self, checkpoint: str | None, device: str, detect: bool, min_confidence: float, threads: int):
-        import torch
+        from .inference import Classifier, resolve_backend
 
-        from .inference import Classifier
+        threads = max(1, threads)
+        if resolve_backend("auto", checkpoint) == "torch":  # PyTorch only where it runs the model
+            import torch
 
-        torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(threads)
         self.clf = Classifier.from_checkpoint(checkpoint, device=device, detect=detect,
-                                              min_confidence=min_confidence)
+                                              min_confidence=min_confidence, threads=threads)
 
     def __call__(self, batch):
         import pyarrow as pa

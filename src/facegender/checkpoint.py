@@ -3,23 +3,26 @@
 ``best.safetensors`` is what users load; ``last.safetensors`` adds what ``--resume`` needs (optimizer
 moments, RNG states). The metadata travels inside each safetensors header, so weights and metadata can
 never come from two different epochs, and is also written beside it as ``.json`` for people to read.
-Loading never unpickles anything.
+Loading never unpickles anything, and needs no PyTorch: tensors load as numpy arrays (``load``) for the
+inference core, or as torch tensors (``load_torch``) for training.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from .io import UserError, atomic_path, write_text
 
 META_KEY = "facegender"
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def save(path: Path, tensors: dict, meta: dict) -> None:
+    """Write torch ``tensors`` and ``meta`` (the training side: it needs PyTorch)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     text = json.dumps(meta, indent=2, sort_keys=True)
     with atomic_path(path) as tmp:
@@ -29,7 +32,7 @@ def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def read_meta(path: Path) -> dict:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable facegender checkpoint ({e}); point at a run directory or .safetensors file") from None
@@ -38,7 +41,18 @@ def read_meta(path: Path) -> dict:
     return json.loads(header[META_KEY])
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors as numpy arrays (float16 stays float16), and the metadata."""
+    from safetensors.numpy import load_file
+
+    meta = read_meta(path)
+    return load_file(str(path)), meta
+
+
+def load_torch(path: Path) -> tuple[dict, dict]:
+    """The tensors as torch tensors, and the metadata (the training side: it needs PyTorch)."""
+    from safetensors.torch import load_file
+
     meta = read_meta(path)
     return load_file(str(path)), meta
 
@@ -56,12 +70,14 @@ def resolve(path: str | Path, name: str = "best") -> Path:
     return path
 
 
-def model_state(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+def model_state(tensors: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and plain values (for JSON)."""
+def optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    """Split a torch optimizer's state dict into tensors (for safetensors) and plain values (for JSON)."""
+    import torch
+
     state = optimizer.state_dict()
     tensors, plain = {}, {}
     for index, entry in state["state"].items():
@@ -73,7 +89,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
+def restore_optimizer(optimizer, tensors: dict, saved: dict) -> None:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):

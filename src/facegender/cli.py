@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import sys
 import warnings
@@ -17,6 +18,26 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"facegender: warning: {message}\n"
 
 
+class MissingExtra(UserError):
+    """A command whose optional dependencies are not installed: the message is the whole line."""
+
+
+# what each extra brings (import names), and the commands that need it
+EXTRAS = {
+    "train": ("the training extra", ("torch", "torchvision", "onnx", "onnxscript", "sklearn", "scipy", "matplotlib")),
+    "eval": ("the evaluation extra", ("sklearn", "scipy", "matplotlib")),
+    "serve": ("the serving extra", ("fastapi", "uvicorn", "python_multipart", "swagger_ui_bundle")),
+    "ray": ("the Ray extra", ("ray", "pyarrow")),
+}
+
+
+def require(command: str, extra: str) -> None:
+    """Stop with one line where ``command`` needs an extra that is not installed."""
+    name, modules = EXTRAS[extra]
+    if not all(importlib.util.find_spec(m) for m in modules):
+        raise MissingExtra(f"facegender {command} needs {name}: pip install 'facegender[{extra}]'")
+
+
 def cmd_prepare(args) -> int:
     from . import data
 
@@ -29,6 +50,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    require("train", "train")
     from . import distributed
     from .config import load_config
     from .train import train
@@ -66,6 +88,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    require("evaluate", "eval")
     from .evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out, batch_size=args.batch_size,
@@ -74,6 +97,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    require("export", "train")
     from .export import export_model
 
     export_model(args.checkpoint, args.out, dtype=args.dtype, check=args.check, tolerance=args.tolerance,
@@ -82,6 +106,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    require("serve", "serve")
     from .serve import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -146,6 +171,7 @@ def cmd_predict(args) -> int:
 
 
 def _predict_ray(args, model, inputs) -> int:
+    require("predict --ray", "ray")
     from .batch_ray import predict_ray
 
     if not args.output:
@@ -259,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="what runs the model (default auto: onnxruntime for an .onnx file and for a descriptor "
-                        "model where it is installed, torch otherwise); onnxruntime converts a .safetensors "
-                        "model to ONNX first (cached)")
+                   help="what runs the model (default auto: onnxruntime, no PyTorch, for an .onnx file, a bundled "
+                        "model or a descriptor head; torch for a ResNet18 checkpoint of your own where it is "
+                        "installed); onnxruntime converts such a checkpoint to ONNX first (cached; needs PyTorch)")
     p.add_argument("--workers", type=int, help="threads decoding and detecting faces while the model runs "
                    "(default: one per CPU, at most 4; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
@@ -308,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one forward pass per request instead of sharing passes between concurrent requests")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="what runs the model; auto (default): onnxruntime for an .onnx model, and for a descriptor "
-                        "model where onnxruntime is installed (converted to ONNX on first use, then cached), "
-                        "else torch")
+                   help="what runs the model; auto (default): onnxruntime, no PyTorch, for an .onnx file, a "
+                        "bundled model or a descriptor head; torch for a ResNet18 checkpoint of your own where it "
+                        "is installed")
     p.add_argument("--model-threads", type=int,
                    help="the model's threads per server process (default: half of its share of the cores)")
     p.set_defaults(func=cmd_serve)
@@ -337,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
+    except MissingExtra as e:
+        print(e, file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"facegender: error: {e}", file=sys.stderr)
         return 2

@@ -18,31 +18,16 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from .data import Sample
-from .dlibnet import CHIP_PADDING, CHIP_SIZE, DescriptorNet, face_chips, full_object_detection
-from .dlibnet import DESCRIPTOR_SIZE as DIMENSIONS
-from .dlibnet import MODEL_FILE as DESCRIPTOR_MODEL
+from .chips import DESCRIPTOR_SIZE, chip
 from .images import BadImage, open_rgb
-from .io import atomic_open
+from .io import atomic_open, cache_dir
 
 SHARD_SIZE = 256  # images per cache shard: what a killed run can lose
-
-
-def chip(image: Image.Image | np.ndarray, landmarks: Sequence[float] | None) -> np.ndarray:
-    """The network's view of a face: 150x150 uint8 RGB, aligned by dlib from the 5 landmarks
-    (x0 y0 ... x4 y4 in image pixels); without landmarks, the whole image resized."""
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    if landmarks is None:
-        return np.asarray(image.convert("RGB").resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR))
-    # get_face_chip aligns by the 5 points alone; the record's box is required by its type, not used
-    points = [(landmarks[2 * i], landmarks[2 * i + 1]) for i in range(5)]
-    return face_chips(np.asarray(image.convert("RGB")), [full_object_detection((0, 0, *image.size), points)])[0]
 
 
 class NetDescriptors:
@@ -59,6 +44,8 @@ class NetDescriptors:
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         if self._net is None:
+            from .dlibnet import DescriptorNet  # PyTorch: the training side
+
             self._net = DescriptorNet.from_dat(device=self.device, precision=self.precision)
         return self._net.descriptors(chips)
 
@@ -72,8 +59,6 @@ def default_extractor(device: str = "auto", precision: str = "fp32"):
 
 
 def cache_root() -> Path:
-    from .loaders import cache_dir
-
     return cache_dir() / "descriptors"
 
 
@@ -124,7 +109,7 @@ def _write_shard(folder: Path, keys: list[str], vectors: list, reasons: list[str
     bad = [(k, r) for k, v, r in zip(keys, vectors, reasons) if v is None]
     with atomic_open(folder / f"shard-{uuid.uuid4().hex}.npz", "wb") as f:
         np.savez(f, keys=np.array([k for k, _ in good], dtype="U40"),
-                 vectors=np.array([v for _, v in good], np.float32).reshape(-1, DIMENSIONS),
+                 vectors=np.array([v for _, v in good], np.float32).reshape(-1, DESCRIPTOR_SIZE),
                  bad_keys=np.array([k for k, _ in bad], dtype="U40"), bad_reasons=np.array([r for _, r in bad]))
 
 
@@ -156,7 +141,7 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
                     known[k] = v if v is not None else r
                 bar.update(len(shard))
         bar.close()
-    vectors = np.zeros((len(samples), DIMENSIONS), np.float32)
+    vectors = np.zeros((len(samples), DESCRIPTOR_SIZE), np.float32)
     bad = {}
     for i, (k, s) in enumerate(zip(keys, samples)):
         entry = known[k]

@@ -6,13 +6,13 @@ examples/dnn_face_recognition_ex.cpp) as a torch module, so descriptors come in 
 in bfloat16 where the CPU has it, or on a GPU; dlib itself is needed only to cut the chips.
 
     net = DescriptorNet.from_dat()                    # the face-recognition-models package's model file
-    chips = face_chips(rgb, [full_object_detection(box, five_points)])
+    chips = chips.face_chips(rgb, [chips.full_object_detection(box, five_points)])
     net.descriptors(chips)                            # N x 128 float32, as dlib's compute_face_descriptor
 
 The .dat file is read by following dlib's serialisation (dlib/serialize.h, dlib/dnn/core.h, layers.h,
 input.h, loss.h, cuda/tensor.h) for exactly this network: every layer's version string, hyper-parameters
 and tensor shape is checked, so a truncated, corrupt or different file stops with a UserError naming it.
-The converted weights are cached under ``loaders.cache_dir()`` as safetensors, keyed by the file's hash.
+The converted weights are cached under ``io.cache_dir()`` as safetensors, keyed by the file's hash.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,15 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .chips import CHIP_SIZE, DESCRIPTOR_SIZE, MODEL_FILE
 from .detect import INSTALL_HINT, packaged_model
-from .io import UserError, atomic_path
-from .loaders import cache_dir
+from .io import UserError, atomic_path, cache_dir
 from .runtime import resolve_device, resolve_precision
 
-MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-CHIP_SIZE = 150  # input_rgb_image_sized<150>
-CHIP_PADDING = 0.25  # dlib's default for get_face_chip and compute_face_descriptor
-DESCRIPTOR_SIZE = 128
 CONVERTER_VERSION = 1  # part of the cache key: bump when the conversion changes
 
 # Residual stages from the input up: (channels, blocks); the first block of every stage but the first
@@ -151,7 +146,7 @@ class DescriptorNet(nn.Module):
 
     @torch.inference_mode()
     def descriptors(self, chips: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
-        """N x 128 float32 descriptors of N x 150 x 150 x 3 uint8 RGB chips (as ``face_chips`` makes)."""
+        """N x 128 float32 descriptors of N x 150 x 150 x 3 uint8 RGB chips (as ``chips.face_chips`` makes)."""
         chips = torch.as_tensor(chips)
         if chips.dtype != torch.uint8 or chips.ndim != 4 or tuple(chips.shape[1:]) != (CHIP_SIZE, CHIP_SIZE, 3):
             raise UserError(f"face chips must be N x {CHIP_SIZE} x {CHIP_SIZE} x 3 uint8 RGB (dlib.get_face_chip, "
@@ -159,36 +154,6 @@ class DescriptorNet(nn.Module):
         out = [self(chips[i:i + batch_size].to(self.device)).float().cpu()
                for i in range(0, len(chips), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, DESCRIPTOR_SIZE), np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Chips: dlib's own alignment
-
-
-def full_object_detection(box: Sequence[float], points: Sequence[Sequence[float]]):
-    """dlib's face record from a box (x0, y0, x1, y1, right and bottom exclusive, as ``detect.Face``)
-    and the landmarks of dlib's 5-point model, in its order (the 68-point model's also work)."""
-    import dlib
-
-    if len(points) not in (5, 68):
-        raise UserError(f"a face chip needs dlib's 5 (or 68) landmarks; got {len(points)} points")
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    return dlib.full_object_detection(dlib.rectangle(x0, y0, x1 - 1, y1 - 1),
-                                      [dlib.point(int(round(x)), int(round(y))) for x, y in points])
-
-
-def face_chips(image: np.ndarray, detections: Sequence) -> np.ndarray:
-    """N x 150 x 150 x 3 uint8 chips of the faces of an H x W x 3 uint8 RGB image, cut by dlib's own
-    ``get_face_chip`` (size 150, padding 0.25): the framing dlib's descriptor was trained on."""
-    try:
-        import dlib
-    except ImportError:
-        raise UserError(f"face chips need dlib: {INSTALL_HINT}") from None
-    image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise UserError(f"face chips are cut from an H x W x 3 uint8 RGB image; got {image.shape} {image.dtype}")
-    chips = [dlib.get_face_chip(image, d, size=CHIP_SIZE, padding=CHIP_PADDING) for d in detections]
-    return np.stack(chips) if chips else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import numpy as np
 from . import checkpoint
 from .data import Sample, load_samples_many
 from .inference import Classifier
-from .metrics import (age_group, apply_temperature, calibration_metrics, classification_metrics, format_report,
-                      group_metrics)
+from .facemodels import apply_temperature
+from .metrics import age_group, calibration_metrics, classification_metrics, format_report, group_metrics
 from .reports import write_reports
 
 
@@ -71,8 +71,9 @@ def skipped_summary(skipped: dict[str, str]) -> dict:
 def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", out: str | Path | None = None,
                         batch_size: int = 256, device: str = "auto", precision: str = "auto", log=print) -> dict:
     """``facegender evaluate``: metrics of a checkpoint on one split of one or more datasets."""
-    backend = "onnxruntime" if Path(path).suffix == ".onnx" else "torch"
-    clf = Classifier.from_checkpoint(path, device, precision, backend, detect=False)  # manifests carry the crops
+    # auto: onnxruntime for an .onnx file, a bundled model or a descriptor head (evaluation then needs no
+    # PyTorch), PyTorch for a ResNet18 checkpoint where it is installed
+    clf = Classifier.from_checkpoint(path, device, precision, "auto", detect=False)  # manifests carry the crops
     samples = load_samples_many(data, split)
     started = time.perf_counter()
     metrics, bad = assess_model(clf.model, samples, clf.threshold, clf.temperature, batch_size)

@@ -10,12 +10,14 @@ import torch
 
 from . import checkpoint
 from .data import load_samples_many
-from .facemodels import build_face_model, kind_of
+from .chips import chip
+from .facemodels import GraphDescriptorModel, ResNetModel, kind_of
+from .images import BadImage, open_rgb
 from .inference import Classifier, model_path
 from .io import UserError, atomic_path
-from .descriptors import chip
-from .images import BadImage, open_rgb
-from .onnx_model import OPSET, onnx_face_model, quantize_int8, to_onnx, with_meta
+from .onnx_export import OPSET, quantize_int8, to_onnx, with_meta
+from .onnx_model import DescriptorGraph, ResNetGraph, session
+from .torchmodels import build_torch_face_model
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 CALIBRATION_FACES = 256  # validation faces that set the int8 ranges
@@ -54,7 +56,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
         return export_onnx(source, out, check, tolerance, log, int8)
     dtype, tolerance = dtype or "float16", 1e-3 if tolerance is None else tolerance
     path = model_path(source)
-    tensors, meta = checkpoint.load(path)
+    tensors, meta = checkpoint.load_torch(path)
     weights = {k: v.float() for k, v in checkpoint.model_state(tensors).items()}
     stored = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
     report = {"dtype": dtype, "from": path.name}
@@ -87,7 +89,7 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
     drops by at most ``tolerance`` (default 0.3) points against fp32.
     """
     path = model_path(source)
-    tensors, meta = checkpoint.load(path)
+    tensors, meta = checkpoint.load_torch(path)
     if kind_of(meta) == "ensemble":
         raise UserError(f"{path}: an ensemble is two networks: export each member (its --members) to ONNX, "
                         "or run the ensemble with --backend onnxruntime")
@@ -95,7 +97,7 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
         raise UserError(f"{path}: --int8 covers descriptor models (the only kind whose int8 accuracy was measured); "
                         f"this one is of kind {kind_of(meta)!r}")
     tolerance = (INT8_MAX_DROP if int8 else 1e-4) if tolerance is None else tolerance
-    clf = Classifier(build_face_model(tensors, meta, device="cpu", precision="fp32"), meta, detect=False)
+    clf = Classifier(build_torch_face_model(tensors, meta, device="cpu", precision="fp32"), meta, detect=False)
     meta = meta | {"data": [_corpus_name(d) for d in meta.get("data", [])]}
     report = {"format": "onnx", "dtype": "int8" if int8 else "float32", "from": path.name}
     data = to_onnx(clf.model, meta | {"export": report})
@@ -133,6 +135,13 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
     log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, {report['dtype']} ONNX of a {kind_of(meta)} model, "
         f"opset {OPSET})")
     return report
+
+
+def onnx_face_model(data: bytes, meta: dict):
+    """The core's model of a graph that ``to_onnx`` made, as ``Classifier.from_checkpoint`` runs an .onnx file."""
+    if kind_of(meta) == "descriptor":
+        return GraphDescriptorModel(DescriptorGraph(session(data), "export-check"))
+    return ResNetModel(ResNetGraph(session(data)), meta)
 
 
 def calibration_chips(samples, count: int = CALIBRATION_FACES) -> np.ndarray:

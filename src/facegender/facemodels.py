@@ -8,28 +8,40 @@ Each has one small interface from faces to logits, so evaluation, prediction, ex
 branch on the kind: ``inputs`` (one face of an image -> what the model needs of it), ``logits`` (a batch
 of those -> raw logits, before the temperature) and ``dataset_logits`` (prepared samples -> logits, through
 the on-disk caches).
+
+This is the inference core's side: numpy for the preprocessing and the descriptor heads, onnxruntime for the
+networks (``onnx_model``). The training side puts PyTorch networks behind the same classes (``torchmodels``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
+from .chips import DESCRIPTOR_SIZE, chip
+from .config import MEAN, STD
+from .crops import cached_images, crop_batches
 from .data import Sample
-from .descriptors import DIMENSIONS, cached_descriptors, chip, default_extractor
+from .descriptors import _chips_of_shard, cached_descriptors
 from .images import face_array
 from .io import UserError
-from .loaders import cached_images, fast_batches
-from .model import build_model
-from .runtime import autocast, resolve_device, resolve_precision
-from .transforms import eval_batch
 
 KINDS = ("resnet18", "descriptor", "ensemble")
 
 Logits = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, labels, indices of the samples that decoded
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """P(male) after temperature scaling: sigmoid(logit / T), stable for large |logit|."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=float) / temperature))
+
+
+def kind_of(meta: dict) -> str:
+    kind = meta.get("kind", "resnet18")
+    if kind not in KINDS:
+        raise UserError(f"checkpoint of kind {kind!r}: this facegender knows {', '.join(KINDS)}; upgrade it")
+    return kind
 
 
 def face_points(face) -> tuple[float, ...] | None:
@@ -37,76 +49,90 @@ def face_points(face) -> tuple[float, ...] | None:
     return None if face is None or face.points is None else tuple(v for p in face.points for v in p)
 
 
+def normalised(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """N x H x W x 3 uint8 -> N x 3 x H x W float32: pixel / 255, then (x - mean) / std per channel, in the
+    order of operations that training's ``transforms.eval_batch`` uses."""
+    x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+
+
 class ResNetModel:
-    """ResNet18 on the canonical crop (``box``), normalised as in training."""
+    """ResNet18 on the canonical crop (``box``), normalised as in training.
+
+    ``network`` maps the normalised N x 3 x H x W float32 batch to N logits (``onnx_model.ResNetGraph``)."""
 
     kind = "resnet18"
 
-    def __init__(self, network: nn.Module, size: int, device: torch.device, precision: str, flip: bool = False):
-        self.network = network.to(device).to(memory_format=torch.channels_last).eval()
-        self.size, self.device, self.precision = size, device, precision
-        self.flip = flip  # test-time augmentation: the mean logit of the crop and its mirror image
+    def __init__(self, network: Callable, meta: dict):
+        pre = meta["preprocessing"]
+        self.network, self.size = network, int(pre["image_size"])
+        self.mean, self.std = tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD))
+        self.flip = meta.get("tta") == "flip"  # test-time augmentation: the mean logit of the crop and its mirror
 
     def inputs(self, image: Image.Image, face, box) -> np.ndarray:
         return face_array(image, box, self.size)
 
-    @torch.no_grad()
     def logits(self, inputs) -> np.ndarray:
-        if not torch.is_tensor(inputs):
-            inputs = torch.from_numpy(inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs)))
-        batch = inputs
-        x = eval_batch(batch.to(self.device))
-        with autocast(self.device, self.precision):
-            out = self.network(x).squeeze(1)
-            if self.flip:
-                out = (out + self.network(x.flip(3)).squeeze(1)) / 2
-        return out.float().cpu().numpy()
+        batch = inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs))
+        x = normalised(batch, self.mean, self.std)
+        out = np.asarray(self.network(x), np.float32)
+        if self.flip:
+            out = (out + np.asarray(self.network(np.ascontiguousarray(x[..., ::-1])), np.float32)) / 2
+        return out
 
     def dataset_logits(self, samples: list[Sample], batch_size: int = 256, skipped: dict | None = None) -> Logits:
         """Logits of the samples that decode; ``skipped``, if given, gets each other sample's path -> reason."""
         cached = cached_images(samples, self.size)
         if skipped is not None:
             skipped.update(cached.bad)
-        logits, labels, indices = [], [], []
-        for images, y, idx in fast_batches(cached, batch_size, shuffle=False):
+        logits, labels, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for images, y, idx in crop_batches(cached, batch_size):
             logits.append(self.logits(images))
-            labels.append(y.numpy())
+            labels.append(y)
             indices.append(idx)
         return np.concatenate(logits), np.concatenate(labels), np.concatenate(indices)
 
 
-class DescriptorHead(nn.Module):
-    """Standardise the descriptor, then a linear layer (logistic regression) or a one-hidden-layer MLP."""
+class Head:
+    """A descriptor head in numpy: standardise, then a linear layer (logistic regression) or a
+    one-hidden-layer MLP with ReLU; the weights of ``torchmodels.DescriptorHead``, as a checkpoint stores them."""
 
-    def __init__(self, hidden: int = 0):
-        super().__init__()
-        self.hidden = hidden
-        self.register_buffer("mean", torch.zeros(DIMENSIONS))
-        self.register_buffer("scale", torch.ones(DIMENSIONS))
-        self.layers = (nn.Sequential(nn.Linear(DIMENSIONS, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if hidden
-                       else nn.Sequential(nn.Linear(DIMENSIONS, 1)))
+    def __init__(self, tensors: dict, hidden: int):
+        get = lambda k: np.asarray(tensors[f"head.{k}"], np.float32)  # noqa: E731
+        self.mean, self.scale = get("mean"), get("scale")
+        self.layers = [(get("layers.0.weight"), get("layers.0.bias"))]
+        if hidden:
+            self.layers.append((get("layers.2.weight"), get("layers.2.bias")))
+        if self.layers[0][0].shape[1] != DESCRIPTOR_SIZE:
+            raise UserError(f"a descriptor head takes {DESCRIPTOR_SIZE} numbers, this one "
+                            f"{self.layers[0][0].shape[1]}: not a facegender descriptor checkpoint")
 
-    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
-        return self.layers((descriptors - self.mean) / self.scale).squeeze(1)
-
-    @torch.no_grad()
     def logits(self, descriptors: np.ndarray) -> np.ndarray:
-        self.eval()
-        return self(torch.from_numpy(np.asarray(descriptors, np.float32))).numpy()
+        x = (np.asarray(descriptors, np.float32) - self.mean) / self.scale
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight.T + bias
+            if i < len(self.layers) - 1:
+                x = np.maximum(x, 0)
+        return x[:, 0]
 
 
 class DescriptorModel:
-    """A head on dlib's face descriptor of the chip placed by the face's 5 landmarks."""
+    """A head on dlib's face descriptor of the chip placed by the face's 5 landmarks.
+
+    ``extractor`` maps chips to descriptors and names them (``onnx_model.DescriptorGraph``); None is
+    ``descriptors.default_extractor``, training's PyTorch network, made on first use."""
 
     kind = "descriptor"
 
-    def __init__(self, head: DescriptorHead, extractor=None, device: str = "auto"):
-        self.head = head.eval()
+    def __init__(self, head, extractor=None, device: str = "auto"):
+        self.head = head.eval() if hasattr(head, "eval") else head
         self._extractor, self.device = extractor, device
 
     @property
     def extractor(self):
         if self._extractor is None:  # float32, as the cached descriptors it was fitted on
+            from .descriptors import default_extractor
+
             self._extractor = default_extractor(self.device)
         return self._extractor
 
@@ -123,6 +149,32 @@ class DescriptorModel:
             skipped.update(d.bad)
         labels = np.array([s.label for s in samples], dtype=np.int64)
         return self.head.logits(d.vectors[d.good]), labels[d.good], d.good
+
+
+class GraphDescriptorModel(DescriptorModel):
+    """An exported descriptor model: one graph from chips to the head's logit, whose head cannot be run on
+    descriptors alone, so datasets go through the whole graph (no descriptor cache)."""
+
+    def __init__(self, graph):
+        super().__init__(head=None, extractor=graph)
+
+    def logits(self, inputs) -> np.ndarray:
+        chips = inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs))
+        return self.extractor.logits(chips)
+
+    def dataset_logits(self, samples: list[Sample], batch_size: int = 256, skipped: dict | None = None) -> Logits:
+        logits, labels, indices = [np.zeros(0, np.float32)], [], []
+        for start in range(0, len(samples), batch_size):
+            part = samples[start:start + batch_size]
+            chips, reasons = _chips_of_shard([(s.path, s.landmarks) for s in part])
+            good = [i for i, c in enumerate(chips) if c is not None]
+            if skipped is not None:
+                skipped.update({part[i].path: r for i, r in enumerate(reasons) if chips[i] is None})
+            if good:
+                logits.append(self.logits(np.stack([chips[i] for i in good])))
+            labels += [part[i].label for i in good]
+            indices += [start + i for i in good]
+        return np.concatenate(logits), np.array(labels, np.int64), np.array(indices, np.int64)
 
 
 class EnsembleModel:
@@ -151,44 +203,27 @@ class EnsembleModel:
         return self.combine(zr[in_r], zd[in_d]), labels[in_r], both
 
 
-# ---------------------------------------------------------------- building a model from a checkpoint
-
-
-def kind_of(meta: dict) -> str:
-    kind = meta.get("kind", "resnet18")
-    if kind not in KINDS:
-        raise UserError(f"checkpoint of kind {kind!r}: this facegender knows {', '.join(KINDS)}; upgrade it")
-    return kind
-
-
-def _state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def resnet_from_state(tensors: dict[str, torch.Tensor], meta: dict, device, precision) -> ResNetModel:
-    network = build_model("none", meta["config"]["dropout"])
-    network.load_state_dict(_state(tensors, "model."))
-    return ResNetModel(network, int(meta["preprocessing"]["image_size"]), device, precision,
-                       flip=meta.get("tta") == "flip")
-
-
-def head_from_state(tensors: dict[str, torch.Tensor], meta: dict) -> DescriptorHead:
-    head = DescriptorHead(int(meta["head"]["hidden"]))
-    head.load_state_dict(_state(tensors, "head."))
-    return head
-
-
-def build_face_model(tensors: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
-                     extractor=None):
-    """The model a checkpoint describes, ready to run. ``tensors`` hold ``model.*`` and/or ``head.*``."""
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+def combined(meta: dict, resnet=None, descriptor=None):
+    """The model of ``meta``'s kind from its parts: a ResNet18, a descriptor model, or both as an ensemble."""
     kind = kind_of(meta)
     if kind == "resnet18":
-        return resnet_from_state(tensors, meta, device, precision)
-    descriptor = DescriptorModel(head_from_state(tensors, meta), extractor, str(device))
+        return resnet
     if kind == "descriptor":
         return descriptor
     ensemble = meta["ensemble"]
-    return EnsembleModel(resnet_from_state(tensors, meta, device, precision), descriptor, ensemble["weights"],
-                         ensemble["bias"])
+    return EnsembleModel(resnet, descriptor, ensemble["weights"], ensemble["bias"])
+
+
+def build_face_model(tensors: dict, meta: dict, resnet_network: Callable | None = None, extractor=None):
+    """The model a checkpoint describes, on the inference core: ``tensors`` (numpy) hold the descriptor
+    head's ``head.*``; the ResNet18 runs as ``resnet_network`` (needed for resnet18 and ensemble models),
+    dlib's network as ``extractor``."""
+    kind = kind_of(meta)
+    resnet = descriptor = None
+    if kind in ("resnet18", "ensemble"):
+        if resnet_network is None:
+            raise ValueError("a ResNet18 model needs its network")
+        resnet = ResNetModel(resnet_network, meta)
+    if kind in ("descriptor", "ensemble"):
+        descriptor = DescriptorModel(Head(tensors, int(meta["head"]["hidden"])), extractor)
+    return combined(meta, resnet, descriptor)

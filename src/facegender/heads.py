@@ -18,9 +18,12 @@ from torch import nn
 from . import checkpoint
 from .config import CLASSES, TrainConfig
 from .data import Sample
-from .descriptors import CHIP_PADDING, CHIP_SIZE, DESCRIPTOR_MODEL, DIMENSIONS, cached_descriptors
+from .chips import CHIP_PADDING, CHIP_SIZE
+from .chips import MODEL_FILE as DESCRIPTOR_MODEL
+from .descriptors import cached_descriptors
 from .evaluate import assess_model, checkpoint_summary, skipped_summary
-from .facemodels import DescriptorHead, DescriptorModel, EnsembleModel, build_face_model, kind_of
+from .facemodels import DescriptorModel, EnsembleModel, kind_of
+from .torchmodels import DescriptorHead, build_torch_face_model
 from .io import UserError
 from .metrics import fit_temperature, format_report
 from .reports import write_reports
@@ -163,7 +166,7 @@ def train_ensemble(config: TrainConfig, data: list[str], out: str | Path, member
         raise UserError(f"{out}: already holds a model; choose another --out")
     if len(members) != 2:
         raise UserError("--kind ensemble needs --members RESNET_RUN DESCRIPTOR_RUN (two checkpoints)")
-    loaded = [checkpoint.load(checkpoint.resolve(m)) for m in members]
+    loaded = [checkpoint.load_torch(checkpoint.resolve(m)) for m in members]
     kinds = sorted(kind_of(meta) for _, meta in loaded)
     if kinds != ["descriptor", "resnet18"]:
         raise UserError(f"--members must be one resnet18 and one descriptor checkpoint, got {' and '.join(kinds)}")
@@ -171,8 +174,8 @@ def train_ensemble(config: TrainConfig, data: list[str], out: str | Path, member
     started = time.perf_counter()
     data = [str(Path(d).resolve()) for d in data]
     splits = load_splits(data, config)
-    resnet = build_face_model(r_tensors, r_meta, config.device, config.precision)
-    descriptor = build_face_model(d_tensors, d_meta)
+    resnet = build_torch_face_model(r_tensors, r_meta, config.device, config.precision)
+    descriptor = build_torch_face_model(d_tensors, d_meta)
     model = EnsembleModel(resnet, descriptor, (1.0, 1.0), 0.0)
     zr, y, ir = resnet.dataset_logits(splits["val"])
     zd, _, id_ = descriptor.dataset_logits(splits["val"])

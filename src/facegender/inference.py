@@ -10,21 +10,23 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint, onnx_model
 from .detect import MAX_SIDE, FaceDetector, detect_faces
-from .facemodels import build_face_model, kind_of
+from .facemodels import GraphDescriptorModel, apply_temperature, build_face_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
-from .metrics import apply_temperature
 
 # the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / f"facegender-{name}.safetensors"
                   for name in ("descriptor", "resnet18")}
 DEFAULT_MODEL = "descriptor"  # the best on faces from corpora it never saw (MODEL_CARD.md, leave-one-corpus-out)
 BUNDLED_MODEL = BUNDLED_MODELS[DEFAULT_MODEL]
+# their ResNet18 networks as ONNX graphs (float16 storage of the float16 weights, run in float32), so the
+# core runs every bundled model without converting anything
+BUNDLED_GRAPHS = {BUNDLED_MODELS["resnet18"]: BUNDLED_MODELS["resnet18"].with_suffix(".onnx")}
+TRAIN_HINT = "pip install 'facegender[train]'"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 BACKENDS = ("auto", "torch", "onnxruntime")  # what runs the model's forward pass (``resolve_backend``)
 
@@ -67,29 +69,37 @@ class Classifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                        backend: str = "torch", **options) -> "Classifier":
+                        backend: str = "auto", threads: int | None = None, **options) -> "Classifier":
         """A run directory, a .safetensors or .onnx file, or the name of a bundled model; None means the
-        default one. ``backend="onnxruntime"`` runs the model's networks (every kind's) as ONNX graphs,
-        converted in memory (float32; some seconds, cached) unless the file is one already; ``"auto"``
-        chooses as ``resolve_backend`` says."""
+        default one. ``backend`` (``resolve_backend``): ``onnxruntime`` runs every network as an ONNX graph
+        with no PyTorch (``device`` and ``precision`` are then onnxruntime's: float32, CUDA where it has it),
+        ``torch`` in PyTorch. ``threads``: onnxruntime's threads per network (default: this process's cores)."""
         backend = resolve_backend(backend, path)
         if path is not None and Path(path).suffix == ".onnx":
             if backend != "onnxruntime":
                 raise UserError(f"{path}: an ONNX file runs with the onnxruntime backend (--backend onnxruntime)")
-            data, meta = onnx_model.load(path)
-            return cls(onnx_model.onnx_face_model(data, meta), meta, **options)
-        tensors, meta = checkpoint.load(model_path(path))
-        model = build_face_model(tensors, meta, device, precision)
-        if backend == "onnxruntime":
-            onnx_model.run_on_onnxruntime(model, meta)
-        return cls(model, meta, **options)
+            graph, meta = onnx_model.load(path, threads)
+            model = (GraphDescriptorModel(graph) if kind_of(meta) == "descriptor" and graph.has_head
+                     else build_face_model({}, meta, graph, graph))
+            return cls(model, meta, **options)
+        file = model_path(path)
+        if backend == "torch":
+            return cls(*_torch_model(file, device, precision), **options)
+        tensors, meta = checkpoint.load(file)
+        kind = kind_of(meta)
+        network = _resnet_network(file, tensors, meta, threads) if kind != "descriptor" else None
+        extractor = onnx_model.descriptor_network(threads) if kind != "resnet18" else None
+        return cls(build_face_model(tensors, meta, network, extractor), meta, **options)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], meta: dict, device: str = "auto", precision: str = "auto",
+    def from_state(cls, state: dict, meta: dict, device: str = "auto", precision: str = "auto",
                    **options) -> "Classifier":
-        """ResNet18 weights (any float dtype; computed in float32 or the chosen precision) and their metadata."""
+        """ResNet18 weights in PyTorch (any float dtype; computed in float32 or the chosen precision) and their
+        metadata: the training side."""
+        from .torchmodels import build_torch_face_model
+
         tensors = {f"model.{k}": v for k, v in state.items()}
-        return cls(build_face_model(tensors, meta, device, precision), meta, **options)
+        return cls(build_torch_face_model(tensors, meta, device, precision), meta, **options)
 
     def logits(self, inputs) -> np.ndarray:
         """Raw logits (before the temperature) for a batch of model inputs made by ``faces``."""
@@ -200,9 +210,10 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Ite
 
 
 def resolve_backend(backend: str, model: str | Path | None) -> str:
-    """What runs ``model`` (as ``model_path`` reads it). ``auto``: onnxruntime for an .onnx file, and for a
-    descriptor model where onnxruntime is installed (the same answers, P(male) within 1e-4, for about half
-    the CPU: README, "Fast prediction"), else torch. ``torch`` and ``onnxruntime`` stay as they are."""
+    """What runs ``model`` (as ``model_path`` reads it). ``auto``: onnxruntime wherever that needs no
+    PyTorch (an .onnx file, a bundled model, a descriptor head: the same answers, P(male) within 1e-4), else
+    torch where it is installed (a ResNet18 or ensemble checkpoint of your own), else onnxruntime, which then
+    says what to do. ``torch`` and ``onnxruntime`` stay as they are."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -210,8 +221,37 @@ def resolve_backend(backend: str, model: str | Path | None) -> str:
     if model is not None and Path(model).suffix == ".onnx":
         return "onnxruntime"
     path = model_path(model)
-    installed = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
-    return "onnxruntime" if installed and kind_of(checkpoint.read_meta(path)) == "descriptor" else "torch"
+    if path in BUNDLED_GRAPHS or kind_of(checkpoint.read_meta(path)) == "descriptor":
+        return "onnxruntime"
+    return "torch" if _torch_installed() else "onnxruntime"
+
+
+def _torch_installed() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("torch", "torchvision"))
+
+
+def _torch_model(file: Path, device: str, precision: str) -> tuple:
+    """The checkpoint's model in PyTorch, and its metadata."""
+    if not _torch_installed():
+        raise UserError(f"--backend torch needs PyTorch: {TRAIN_HINT}, or use --backend onnxruntime")
+    from .torchmodels import build_torch_face_model
+
+    tensors, meta = checkpoint.load_torch(file)
+    return build_torch_face_model(tensors, meta, device, precision), meta
+
+
+def _resnet_network(file: Path, tensors: dict, meta: dict, threads: int | None):
+    """The checkpoint's ResNet18 as an ONNX graph: the one shipped with a bundled model, or converted once
+    (cached) where PyTorch is installed to convert it."""
+    if file in BUNDLED_GRAPHS:
+        graph, _ = onnx_model.load(BUNDLED_GRAPHS[file], threads)
+        return graph
+    if not (_torch_installed() and all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))):
+        raise UserError(f"{file}: a ResNet18 checkpoint runs in PyTorch: export it once with "
+                        f"`facegender export {file} model.onnx` and predict with model.onnx, or {TRAIN_HINT}")
+    from .onnx_export import resnet_graph
+
+    return onnx_model.ResNetGraph(onnx_model.session(resnet_graph(tensors, meta), threads, str(file)))
 
 
 def bundled_model(name: str = DEFAULT_MODEL) -> Path:

@@ -38,6 +38,12 @@ def _umask() -> int:
     return mask
 
 
+def cache_dir() -> Path:
+    """Where derived files (decoded crops, descriptors, converted graphs) are kept: $FACEGENDER_CACHE, else
+    ~/.cache/facegender."""
+    return Path(os.environ.get("FACEGENDER_CACHE", Path.home() / ".cache" / "facegender"))
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -1,18 +1,13 @@
 """Batches for training and evaluation: the fast cached path and the reference DataLoader path.
 
-The fast path decodes and resizes every image once into a uint8 array (about 48 KiB an image at 128 px),
-kept on disk under a key made from the images' content, so a second run, or a later epoch, never decodes
-again. The reference path is the published design: PIL decode and torchvision transforms per image, per
-epoch, in a DataLoader with worker processes.
+The fast path batches the uint8 crops of ``crops.cached_images`` (decoded once, kept on disk). The reference
+path is the published design: PIL decode and torchvision transforms per image, per epoch, in a DataLoader
+with worker processes.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import warnings
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,60 +15,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Sample
-from .images import BadImage, face_array, load_faces, open_rgb
-from .io import atomic_open
-
-CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FACEGENDER_CACHE", Path.home() / ".cache" / "facegender"))
-
-
-def _content_key(samples: list[Sample], size: int) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}:{size}".encode())
-    for s in samples:
-        if s.sha1:
-            h.update(s.sha1.encode())
-        else:  # layouts without a manifest carry no hash: the file's path, size and time stand in
-            st = os.stat(s.path)
-            h.update(f"{s.path}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(repr(s.box).encode())
-    return h.hexdigest()[:20]
-
-
-@dataclass
-class CachedImages:
-    images: np.ndarray  # N x size x size x 3 uint8
-    labels: np.ndarray  # N int64
-    good: np.ndarray  # indices of the images that decoded
-    bad: dict[str, str]  # path -> reason
-
-    def __len__(self) -> int:
-        return len(self.good)
-
-
-def cached_images(samples: list[Sample], size: int, workers: int = 2) -> CachedImages:
-    """Decode and resize ``samples`` once; later calls with the same content read the cache file."""
-    key = _content_key(samples, size)
-    folder = cache_dir()
-    array_path, bad_path = folder / f"{key}.npy", folder / f"{key}.bad.json"
-    if array_path.is_file() and bad_path.is_file():
-        images = np.load(array_path)
-        bad = json.loads(bad_path.read_text())
-    else:
-        items = [(s.path, s.box) for s in samples]
-        images, bad_list = load_faces(items, size, workers)
-        bad = {samples[i].path: reason for i, reason in bad_list}
-        with atomic_open(array_path, "wb") as f:
-            np.save(f, images)
-        with atomic_open(bad_path, "w") as f:
-            json.dump(bad, f)
-    for path, reason in bad.items():
-        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
-    good = np.array([i for i, s in enumerate(samples) if s.path not in bad], dtype=np.int64)
-    labels = np.array([s.label for s in samples], dtype=np.int64)
-    return CachedImages(images, labels, good, bad)
+from .crops import CachedImages
+from .images import BadImage, face_array, open_rgb
 
 
 def on_device(data: CachedImages, device: torch.device) -> CachedImages:

@@ -18,6 +18,7 @@ from sklearn.metrics import (
 )
 
 from .config import CLASSES
+from .facemodels import apply_temperature
 
 ROC_MAX_POINTS = 200
 MIN_GROUP_SIZE = 20  # below this a group's accuracy is too noisy to call it the worst
@@ -122,15 +123,6 @@ def _ece_from_bins(rows: list[dict]) -> float:
 def expected_calibration_error(labels, p_male, bins: int = 15) -> float:
     """Count-weighted mean gap between accuracy and confidence of the predicted class."""
     return _ece_from_bins(reliability_bins(labels, p_male, bins))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -x))
-
-
-def apply_temperature(logits, temperature: float) -> np.ndarray:
-    """P(male) after temperature scaling."""
-    return _sigmoid(np.asarray(logits, dtype=float) / temperature)
 
 
 def fit_temperature(logits, labels) -> float:

@@ -434,15 +434,16 @@ _ENV = "FACEGENDER_SERVE"
 
 def app_from_environment() -> FastAPI:
     """The app ``serve`` configured; uvicorn's worker processes build theirs here."""
-    import torch
-
     options = json.loads(os.environ[_ENV])
     # Half of a process's share of the cores for the model, the rest for decoding and detection, which run
-    # beside it. More model threads than that oversubscribe the cores, and PyTorch's threads, which wait
+    # beside it. More model threads than that oversubscribe the cores, and the model's threads, which wait
     # for each other at every layer, then lose many times what they gain (bench: benchmarks/serve_load.py).
-    # onnxruntime takes the same number.
-    threads = options.get("model_threads") or (os.cpu_count() or 1) // (2 * options["workers"])
-    torch.set_num_threads(max(1, threads))
-    classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"],
-                                            backend=options.get("backend", "torch"))
+    threads = max(1, options.get("model_threads") or (os.cpu_count() or 1) // (2 * options["workers"]))
+    backend = options.get("backend", "onnxruntime")
+    if backend == "torch":  # PyTorch only where it runs the model
+        import torch
+
+        torch.set_num_threads(threads)
+    classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"], backend=backend,
+                                            threads=threads)
     return create_app(classifier, max_upload_mb=options["max_upload_mb"], micro_batching=options["micro_batching"])

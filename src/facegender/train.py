@@ -21,9 +21,10 @@ from . import checkpoint
 from .config import CLASSES, MEAN, STD, TrainConfig, load_config, save_config
 from .data import Sample, load_samples_many
 from .evaluate import assess, checkpoint_summary, skipped_summary
-from .facemodels import build_face_model
+from .torchmodels import build_torch_face_model
 from .io import UserError, write_text
-from .loaders import cached_images, fast_batches, on_device, reference_loader
+from .crops import cached_images
+from .loaders import fast_batches, on_device, reference_loader
 from .metrics import fit_temperature, format_report
 from .model import build_model
 from .reports import write_reports
@@ -146,7 +147,7 @@ def new_run(config: TrainConfig, data: list[str], out: Path) -> Run:
 
 def resume_run(out: Path, epochs: int | None = None) -> Run:
     path = checkpoint.resolve(out, "last")
-    tensors, meta = checkpoint.load(path)
+    tensors, meta = checkpoint.load_torch(path)
     config = load_config(**(meta["config"] | {"weights": "none"} | ({"epochs": epochs} if epochs else {})))
     run = new_run(config, meta["data"], out)
     run.config.weights = meta["config"]["weights"]
@@ -213,8 +214,8 @@ class Batches:
 def teacher_logits(config: TrainConfig, samples: list[Sample], log=print) -> torch.Tensor:
     """The distillation teacher's logits (after its temperature) for each training sample; NaN where it
     could not read one. Computed once: a descriptor head reads its cached descriptors."""
-    tensors, meta = checkpoint.load(checkpoint.resolve(config.distill))
-    model = build_face_model(tensors, meta, config.device, config.precision)
+    tensors, meta = checkpoint.load_torch(checkpoint.resolve(config.distill))
+    model = build_torch_face_model(tensors, meta, config.device, config.precision)
     started = time.perf_counter()
     z, _, idx = model.dataset_logits(samples)
     out = torch.full((len(samples),), float("nan"))
@@ -385,7 +386,7 @@ def finish_run(run, batches, prepare_seconds: float, log=print) -> dict:
     """After training: reload the best epoch, fit the temperature on validation, report on test."""
     started = time.perf_counter()
     best_path = run.out / "best.safetensors"
-    tensors, best_meta = checkpoint.load(best_path)
+    tensors, best_meta = checkpoint.load_torch(best_path)
     run.model.load_state_dict(checkpoint.model_state(tensors))
     val_logits, val_labels, _ = predict_split(run, batches, "val")
     temperature = fit_temperature(val_logits, val_labels)
