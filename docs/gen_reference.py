@@ -58,6 +58,8 @@ def _argument(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
+    if not action.option_strings:  # a positional
+        return {"?": "optional", "*": "optional, any number", "+": "required, one or more"}.get(action.nargs, "required")
     if action.nargs == 0:
         return "off"
     if action.default in (None, argparse.SUPPRESS, []) or action.required:
@@ -84,8 +86,6 @@ def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
         what = help_text(action)
         if not action.option_strings and action.choices:
             what = f"one of {', '.join(f'`{c}`' for c in action.choices)}: {what}"
-        if not action.option_strings and action.nargs in ("+", "*", "?"):
-            what += " (optional)" if action.nargs in ("*", "?") else " (one or more)"
         lines.append(f"| {_argument(action)} | {_cell(_default(action))} | {_cell(what)} |")
     return lines
 
