@@ -8,18 +8,38 @@ SHARED ?= ../shared/data
 DEMO := runs/demo
 TRAIN_DEMO := runs/train-demo
 
-.PHONY: demo train-demo test setup clean bench serve docs
+CORE := .venv-core
+
+.PHONY: demo train-demo test test-core setup clean bench serve docs
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything (the core, every extra, the tests' and the docs' tools) at the versions of constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test,docs]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(MAKE) test-core
+
+# The inference core as a user installs it, in a clean environment without PyTorch: the package built from
+# this tree (its wheel carries the models' ONNX graphs) with only the serving extra; the predict and serve
+# tests run there, then the evaluate tests once the evaluation extra is added.
+CORE_TESTS := tests/test_core.py tests/test_serve.py tests/test_bundled.py tests/test_fast_predict.py \
+	tests/test_detect.py tests/test_images.py
+test-core:
+	rm -rf $(CORE)
+	$(PYTHON) -m venv $(CORE)
+	$(CORE)/bin/python -m pip install --quiet --upgrade pip
+	$(CORE)/bin/python -m pip install --quiet -c constraints.txt '.[serve]' pytest httpx scikit-image
+	$(CORE)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(CORE)" if u.find_spec("torch") else 0)'
+	$(CORE)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_eval" $(CORE_TESTS)
+	$(CORE)/bin/python -m pip install --quiet -c constraints.txt '.[eval]'
+	$(CORE)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(CORE)" if u.find_spec("torch") else 0)'
+	$(CORE)/bin/python -m pytest -q -p no:cacheprovider -m needs_eval $(CORE_TESTS)
 
 # The bundled model on a real photo: scikit-image's public-domain "astronaut" (NASA portrait of Eileen Collins).
 ASTRONAUT = $$($(PY) -c 'import pathlib, skimage.data; print(pathlib.Path(skimage.data.__file__).parent / "astronaut.png")')
@@ -55,4 +75,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/descriptor_throughput.py --threads 1
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(CORE) runs data .pytest_cache

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
 from .data import Sample, load_samples_many
-from .inference import Classifier
+from .inference import Classifier, model_path
 from .facemodels import apply_temperature
 from .metrics import age_group, calibration_metrics, classification_metrics, format_report, group_metrics
 from .reports import write_reports
@@ -77,10 +76,11 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     samples = load_samples_many(data, split)
     started = time.perf_counter()
     metrics, bad = assess_model(clf.model, samples, clf.threshold, clf.temperature, batch_size)
-    metrics["run"] = {"checkpoint": str(checkpoint.resolve(path)), "kind": clf.kind, "split": split,
+    file = Path(path) if Path(path).suffix == ".onnx" else model_path(path)  # a bundled model's name too
+    metrics["run"] = {"checkpoint": str(file), "kind": clf.kind, "split": split,
                       "data": [str(d) for d in data], "seconds": round(time.perf_counter() - started, 1),
                       **skipped_summary(bad)}
-    out = Path(out) if out else checkpoint.resolve(path).parent / f"eval_{split}"
+    out = Path(out) if out else file.parent / f"eval_{split}"
     write_reports(out, metrics, None)
     log(format_report(metrics))
     if bad:
