@@ -22,7 +22,8 @@ from PIL import Image
 
 from common import SHARED, batch_rate
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
-from facegender.dlibnet import MODEL_FILE, DescriptorNet, face_chips, full_object_detection
+from facegender.chips import MODEL_FILE, face_chips, full_object_detection
+from facegender.dlibnet import DescriptorNet
 from facegender.inference import Classifier
 from facegender.runtime import cpu_has_bf16
 

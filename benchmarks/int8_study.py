@@ -25,7 +25,8 @@ from common import batch_rate
 from facegender.data import load_samples_many
 from facegender.descriptors import _chip_of, cached_descriptors
 from facegender.inference import Classifier
-from facegender.onnx_model import OnnxDescriptors, quantize_int8, to_onnx
+from facegender.onnx_export import quantize_int8, to_onnx
+from facegender.onnx_model import DescriptorGraph, session
 
 VARIANTS = {  # name -> reduce_range: 7-bit weights, against overflow on CPUs without VNNI (what export --int8 does)
     "int8 reduced range": True,
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:1])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    clf = Classifier.from_checkpoint("descriptor", precision="fp32", detect=False)
+    clf = Classifier.from_checkpoint("descriptor", backend="torch", precision="fp32", detect=False)
     fp32 = to_onnx(clf.model, clf.meta)
     val = load_samples_many(args.data, "val")
     pick = np.random.default_rng(0).choice(len(val), min(args.calibration, len(val)), replace=False)
@@ -69,7 +70,7 @@ def main() -> None:
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             (Path(args.save) / f"descriptor-{name.replace(' ', '-')}.onnx").write_bytes(data)
-        graphs[name] = OnnxDescriptors(data, threads=1)
+        graphs[name] = DescriptorGraph(session(data, 1), name)
 
     def p_male(extractor) -> tuple[np.ndarray, np.ndarray]:
         """P(male) of every test face that decodes, through the descriptor cache (fp32's is usually filled)."""
@@ -92,7 +93,7 @@ def main() -> None:
               + " ".join(f"{accuracy(p, sources == c):11.2f}%" for c in corpora)
               + f" {np.abs(p - reference).max():9.2e} {int(((p >= 0.5) != (reference >= 0.5)).sum()):8d}", flush=True)
 
-    graphs = {"onnxruntime fp32": OnnxDescriptors(fp32, threads=1)} | graphs
+    graphs = {"onnxruntime fp32": DescriptorGraph(session(fp32, 1), "fp32")} | graphs
     chips = calibration[:128]
     runs = {"torch fp32": clf.model.extractor} | graphs
     sample = chips

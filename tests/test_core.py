@@ -172,6 +172,10 @@ def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path):
                               "ensemble": {"weights": [0.4, 0.7], "bias": -0.1}}
         model = tmp_path / "ensemble.safetensors"
         checkpoint.save(model, resnet | head, meta)
+    from facegender.inference import resolve_backend
+
+    # auto: the core for a bundled model; PyTorch, where installed, for a ResNet18 of your own
+    assert resolve_backend("auto", model) == ("torch" if name == "ensemble" else "onnxruntime")
     core = Classifier.from_checkpoint(model, backend="onnxruntime")
     reference = Classifier.from_checkpoint(model, backend="torch", device="cpu", precision="fp32")
     assert type(core.model).__module__ == "facegender.facemodels"

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import shared
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
-from facegender.dlibnet import MODEL_FILE, DescriptorNet, converted_state, face_chips, full_object_detection, read_dat
+from facegender.chips import MODEL_FILE, face_chips, full_object_detection
+from facegender.dlibnet import DescriptorNet, converted_state, read_dat
 from facegender.io import UserError
 from facegender.io import cache_dir
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facegender.facemodels import ResNetModel
+from facegender.torchmodels import TorchResNetModel
 from facegender.inference import Classifier, annotate, expand_inputs
 from facegender.model import build_model
 
@@ -13,7 +13,7 @@ META = {"classes": ["female", "male"], "preprocessing": {"image_size": 128}, "th
 
 
 def resnet():
-    return ResNetModel(build_model("none"), 128, torch.device("cpu"), "fp32")
+    return TorchResNetModel(build_model("none"), META, torch.device("cpu"), "fp32")
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_the_graph_carries_the_contract_and_any_batch_size(onnx_file):
 def test_onnxruntime_matches_pytorch_fp32_on_real_faces(onnx_file):
     images = real_faces()
     assert len(images) >= 30
-    torch_clf = Classifier.from_checkpoint("resnet18", precision="fp32", detect=False)
+    torch_clf = Classifier.from_checkpoint("resnet18", backend="torch", precision="fp32", detect=False)
     onnx_clf = Classifier.from_checkpoint(onnx_file, backend="onnxruntime", detect=False)
     expected = np.array([p.p_male for p in torch_clf.predict(images)])
     got = np.array([p.p_male for p in onnx_clf.predict(images, batch_size=7)])
@@ -98,11 +98,11 @@ def test_predict_with_the_onnx_file_gives_pytorchs_answers(onnx_file, tmp_path):
     assert abs(float(o["p_male"]) - float(t["p_male"])) < 0.02
 
 
-def test_the_backend_switch_converts_a_checkpoint_in_memory():
+def test_the_onnxruntime_backend_runs_the_graph_shipped_with_the_bundled_resnet18():
     faces = real_faces()[:6]
     onnx_clf = Classifier.from_checkpoint("resnet18", backend="onnxruntime", detect=False)
-    torch_clf = Classifier.from_checkpoint("resnet18", precision="fp32", detect=False)
-    assert onnx_clf.model.precision == "fp32"
+    torch_clf = Classifier.from_checkpoint("resnet18", backend="torch", precision="fp32", detect=False)
+    assert type(onnx_clf.model.network).__name__ == "ResNetGraph"  # the graph shipped with the bundled model
     got = [p.p_male for p in onnx_clf.predict(faces)]
     assert np.abs(np.array(got) - [p.p_male for p in torch_clf.predict(faces)]).max() <= 1e-4
 
@@ -184,7 +184,7 @@ def test_the_descriptor_graph_takes_chips_and_carries_its_contract(descriptor_on
 
     batch = np.stack([chip for _, chip in detected])
     session = ort.InferenceSession(str(descriptor_onnx), providers=["CPUExecutionProvider"])
-    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    torch_clf = Classifier.from_checkpoint(backend="torch", precision="fp32", detect=False)
     expected = torch_clf.probabilities(torch_clf.logits(batch))
     for n in (1, len(batch)):
         logit, p_male, descriptor = session.run(["logit", "p_male", "descriptor"], {"chips": batch[:n]})
@@ -195,23 +195,23 @@ def test_the_descriptor_graph_takes_chips_and_carries_its_contract(descriptor_on
 
 
 def test_the_descriptor_graph_gives_pytorchs_answers_on_real_faces(descriptor_onnx, detected):
-    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    torch_clf = Classifier.from_checkpoint(backend="torch", precision="fp32", detect=False)
     by_file = Classifier.from_checkpoint(descriptor_onnx, backend="onnxruntime", detect=False)
-    in_memory = Classifier.from_checkpoint(backend="onnxruntime", detect=False)  # the bundled default, converted
+    in_memory = Classifier.from_checkpoint(backend="onnxruntime", detect=False)  # the bundled default, its shipped graph
     expected = np.array([p.p_male for p in torch_clf.classify(detected)])
     assert 0.05 < (expected >= 0.5).mean() < 0.95  # real faces of both kinds, not one saturated answer
     for clf in (by_file, in_memory):
-        assert type(clf.model.extractor).__name__ == "OnnxDescriptors"  # onnxruntime runs it, not torch
+        assert type(clf.model.extractor).__name__ == "DescriptorGraph"  # onnxruntime runs it, not torch
         got = [clf.classify(detected[i:i + 7]) for i in range(0, len(detected), 7)]
         assert np.abs(np.array([p.p_male for batch in got for p in batch]) - expected).max() <= 1e-4
 
 
 def test_an_ensemble_runs_both_members_on_onnxruntime(ensemble_checkpoint, detected):
     paths = [stub.source for stub, _ in detected][:12]
-    torch_clf = Classifier.from_checkpoint(ensemble_checkpoint, precision="fp32")
+    torch_clf = Classifier.from_checkpoint(ensemble_checkpoint, backend="torch", precision="fp32")
     onnx_clf = Classifier.from_checkpoint(ensemble_checkpoint, backend="onnxruntime")
-    assert type(onnx_clf.model.resnet.network).__name__ == "OnnxModule"
-    assert type(onnx_clf.model.descriptor.extractor).__name__ == "OnnxDescriptors"
+    assert type(onnx_clf.model.resnet.network).__name__ == "ResNetGraph"  # converted on first use (cached)
+    assert type(onnx_clf.model.descriptor.extractor).__name__ == "DescriptorGraph"
     expected, got = torch_clf.predict(paths), onnx_clf.predict(paths)
     assert [p.box for p in got] == [p.box for p in expected]
     assert np.abs(np.array([p.p_male for p in got]) - [p.p_male for p in expected]).max() <= 1e-4
@@ -240,7 +240,7 @@ def test_predict_and_evaluate_take_the_descriptor_onnx_file(descriptor_onnx, che
     # evaluate reads the .onnx file too, and scores the test split as PyTorch does
     assert main(["evaluate", str(descriptor_onnx), str(check_data), "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    torch_clf = Classifier.from_checkpoint(precision="fp32", detect=False)
+    torch_clf = Classifier.from_checkpoint(backend="torch", precision="fp32", detect=False)
     logits, labels, _ = torch_clf.model.dataset_logits(load_samples_many([str(check_data)], "test"))
     assert report["run"]["kind"] == "descriptor" and report["count"] == len(labels) == 8
     assert report["accuracy"] == ((torch_clf.probabilities(logits) >= 0.5) == labels).mean()
@@ -254,11 +254,11 @@ def test_serve_runs_the_default_model_on_onnxruntime_with_torchs_answers(tmp_pat
     from facegender.inference import resolve_backend
     from facegender.serve import create_app
 
-    assert resolve_backend("auto", None) == "onnxruntime"  # the descriptor model, onnxruntime installed here
-    assert resolve_backend("auto", "resnet18") == "torch" and resolve_backend("torch", None) == "torch"
+    assert resolve_backend("auto", None) == "onnxruntime"  # the bundled models ship their graphs
+    assert resolve_backend("auto", "resnet18") == "onnxruntime" and resolve_backend("torch", None) == "torch"
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut()).save(photo)
-    (expected,) = Classifier.from_checkpoint(precision="fp32").predict([photo])
+    (expected,) = Classifier.from_checkpoint(backend="torch", precision="fp32").predict([photo])
     with serving(create_app(Classifier.from_checkpoint(backend="onnxruntime"))) as server:
         r = httpx.post(f"{server.url}/v1/predict", files={"file": ("astronaut.png", photo.read_bytes())}, timeout=60)
     assert r.status_code == 200

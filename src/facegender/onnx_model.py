@@ -59,7 +59,7 @@ def session(model: bytes | Path, threads: int | None = None, name: str = "an ONN
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime's load errors share no base class worth naming
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{name}: not a readable ONNX graph ({first[:200]})") from None
+        raise UserError(f"{name}: not a readable ONNX file ({first[:200]})") from None
 
 
 def graph_meta(sess, name: str) -> dict:
