@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .chips import CHIP_SIZE, DESCRIPTOR_SIZE, MODEL_FILE
-from .detect import INSTALL_HINT, packaged_model
+from .detect import MODELS_HINT, packaged_model
 from .io import UserError, atomic_path, cache_dir
 from .runtime import resolve_device, resolve_precision
 
@@ -168,7 +168,7 @@ class _Reader:
 
     def fail(self, what: str) -> UserError:
         return UserError(f"{self.path}: not dlib's face recognition ResNet model ({what}, at byte {self.pos}); "
-                         f"use the {MODEL_FILE} of face-recognition-models ({INSTALL_HINT})")
+                         f"use the {MODEL_FILE} of face-recognition-models ({MODELS_HINT})")
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.data):
