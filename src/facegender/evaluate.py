@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, load_samples_many
-from .inference import Classifier, model_path
+from .inference import BUNDLED_MODELS, Classifier, model_path
 from .facemodels import apply_temperature
 from .metrics import age_group, calibration_metrics, classification_metrics, format_report, group_metrics
 from .reports import write_reports
@@ -80,7 +80,10 @@ def evaluate_checkpoint(path: str | Path, data: list[str], split: str = "test", 
     metrics["run"] = {"checkpoint": str(file), "kind": clf.kind, "split": split,
                       "data": [str(d) for d in data], "seconds": round(time.perf_counter() - started, 1),
                       **skipped_summary(bad)}
-    out = Path(out) if out else file.parent / f"eval_{split}"
+    # beside the checkpoint; for a bundled model (inside the installed package), under ./runs instead
+    default = (Path("runs") / f"eval-{file.stem}-{split}" if file in BUNDLED_MODELS.values()
+               else file.parent / f"eval_{split}")
+    out = Path(out) if out else default
     write_reports(out, metrics, None)
     log(format_report(metrics))
     if bad:
