@@ -9,22 +9,37 @@ rank follows, as one process would take it on the whole batch. Validation is spl
 gathered, training loss and accuracy are summed, and rank 0 alone writes checkpoints, metrics and reports
 and evaluates the test split. gloo on CPUs, nccl on GPUs (one GPU per process, ``LOCAL_RANK``).
 
-What differs from one process: batch-norm statistics come from each rank's share of the batch (rank 0's
-running averages are kept), dropout draws its masks per share, and the last batch of an epoch is cut to
-a multiple of N images.
+Batch norm is synchronised: in training, every batch-norm layer normalises with the mean and variance of
+the whole global batch, gathered from all ranks, and its backward pass sums its gradient terms over all
+ranks too (``SyncBatchNorm2d``). So N processes of B/N images compute what one process computes on B, and
+the running statistics are the same on every rank. What still differs from one process: dropout draws its
+masks per rank, the last batch of an epoch is cut to a multiple of N images, and sums are added in another
+order (float rounding).
+
+When anything fails (a rank dies, a collective breaks, torchrun or the user sends SIGTERM or SIGINT), each
+rank ends with one line on stderr that says what happened, where the last checkpoint is and the command
+that continues the run, and a non-zero status. A signal that arrives while rank 0 writes its checkpoint
+waits until the file is complete (``uninterrupted``); the file is written beside its final name and renamed,
+so a checkpoint on disk is always whole.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
+import re
+import shlex
+import shutil
 import signal
 import sys
+import traceback
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .io import UserError
 
@@ -38,7 +53,112 @@ def launched() -> bool:
 
 
 class Stopped(Exception):
-    """torchrun (or the user) ended this rank: another rank failed, or the job was interrupted."""
+    """A signal ended this rank: SIGTERM (torchrun stops every rank when one fails) or SIGINT (the user)."""
+
+
+class _Signals:
+    """SIGTERM and SIGINT raise ``Stopped``, except inside ``uninterrupted`` blocks, which finish first."""
+
+    def __init__(self):
+        self.held, self.pending, self.ended = 0, None, False
+
+    def __call__(self, signum, frame):
+        if self.ended:  # the rank is already saying why it ends; let it finish the line
+            return
+        name = signal.Signals(signum).name
+        if self.held:
+            self.pending = self.pending or name
+            return
+        self.ended = True
+        raise Stopped(name)
+
+
+_signals = _Signals()
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """A block (writing a checkpoint) that SIGTERM and SIGINT do not cut short: they end the rank after it.
+
+    Outside a torchrun job no handler is installed and this does nothing.
+    """
+    _signals.held += 1
+    try:
+        yield
+    finally:
+        _signals.held -= 1
+    if not _signals.held and _signals.pending and not _signals.ended:
+        _signals.ended = True
+        raise Stopped(_signals.pending)
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm over the global batch: statistics gathered from every rank, gradient terms summed over them.
+
+    Weight and bias get this rank's share of their gradient; DDP averages those as it does every gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        x32 = x.float()
+        var, mean = torch.var_mean(x32, dim=dims, correction=0)
+        count = x32.numel() // x32.shape[1]
+        # each rank's count, mean and sum of squared deviations, combined in float64 (Chan et al.), the same
+        # way and in the same order on every rank, so all ranks hold the same statistics
+        local = torch.cat([torch.tensor([count], dtype=torch.float64, device=x.device), mean.double(),
+                           var.double() * count])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        stacked = torch.stack(parts)
+        counts, means, m2 = stacked[:, :1], stacked[:, 1:1 + len(mean)], stacked[:, 1 + len(mean):]
+        n = counts.sum()
+        g_mean = (counts * means).sum(0) / n
+        g_m2 = (m2 + counts * (means - g_mean) ** 2).sum(0)
+        running_mean.mul_(1 - momentum).add_(momentum * g_mean.to(running_mean.dtype))
+        running_var.mul_(1 - momentum).add_(momentum * (g_m2 / max(n.item() - 1, 1)).to(running_var.dtype))
+        mean, invstd = g_mean.float(), torch.rsqrt(g_m2.float() / n.float() + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count = n.item()
+        scale = invstd * weight.float()
+        shift = bias.float() - mean * scale
+        return (x32 * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        dy32 = dy.float()
+        sum_dy, sum_dy_xhat = dy32.sum(dims), (dy32 * xhat).sum(dims)
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(both)
+        mean_dy, mean_dy_xhat = (both / ctx.count).view(2, -1)
+        dx = (dy32 - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (invstd * weight.float()).view(shape)
+        return dx.to(x.dtype), sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None, None
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, on any device.
+
+    ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one uses plain tensor operations and the process
+    group's collectives, so gloo on CPUs works too. Its state dict is BatchNorm2d's: checkpoints stay plain.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                      momentum)
+
+
+def sync_batch_norm(model: nn.Module) -> None:
+    """Make the model's batch-norm layers ``SyncBatchNorm2d`` in place: same parameters, buffers, optimiser."""
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d and module.affine and module.track_running_stats:
+            module.__class__ = SyncBatchNorm2d
 
 
 class Comm:
@@ -74,11 +194,6 @@ class Comm:
             merged.append([per_rank[k % self.world_size][k // self.world_size] for k in range(total)])
         return tuple(merged)
 
-    def sync_buffers(self, model: torch.nn.Module) -> None:
-        """Rank 0's batch-norm statistics everywhere, so every rank evaluates the same model."""
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
     @contextlib.contextmanager
     def node_first(self):
         """The block runs on each node's local rank 0 first (it builds the caches), then on the others."""
@@ -89,16 +204,17 @@ class Comm:
             dist.barrier()
 
     def wrap(self, run) -> None:
-        """Make a single-process ``train.Run`` this rank's: DDP around its model."""
+        """Make a single-process ``train.Run`` this rank's: synchronised batch norm, DDP around its model."""
         from torch.nn.parallel import DistributedDataParallel
 
         if run.config.pipeline != "fast":
             raise UserError("torchrun: --pipeline reference is the one-process baseline and does not shard its data; "
                             "use the default pipeline (fast) with torchrun")
         run.comm, run.world_size = self, self.world_size
+        sync_batch_norm(run.model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # buffers are synchronised before each evaluation instead of at every forward pass (newer torch
-        # renamed the switch; both keep the copy of rank 0's buffers made at the start)
+        # synchronised batch norm keeps the buffers equal on every rank: nothing to copy at each forward pass
+        # (newer torch renamed the switch)
         switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
             DistributedDataParallel).parameters else "broadcast_buffers"
         ddp = DistributedDataParallel(run.model, device_ids=ids, **{switch: False})
@@ -121,42 +237,122 @@ def start() -> Comm:
     return Comm(rank, world_size, local_rank, device)
 
 
-def _stop(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
-
-
 def train(config, data: list[str], out: str, resume: bool = False) -> int:
     """One rank of ``facegender train`` under torchrun; returns the exit status."""
     from . import train as single
 
-    comm = start()
-    main = comm.rank == 0
-    where = f"rank {comm.rank} of {comm.world_size}"
-    if config is not None and comm.device.type == "cuda":
-        config.device = str(comm.device)
-    if not main:  # one voice: rank 0 prints the progress, the warnings and the report
-        warnings.simplefilter("ignore")
-    log = print if main else (lambda *_, **__: None)
-    log(f"torchrun: world size {comm.world_size}, backend {dist.get_backend()}, "
-        f"{comm.device.type}; rank 0 writes {out}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _stop)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    main = rank == 0
+    previous = {s: signal.signal(s, _signals) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        comm = start()
+        if config is not None and comm.device.type == "cuda":
+            config.device = str(comm.device)
+        if not main:  # one voice: rank 0 prints the progress, the warnings and the report
+            warnings.simplefilter("ignore")
+        log = print if main else (lambda *_, **__: None)
+        log(f"torchrun: world size {comm.world_size}, backend {dist.get_backend()}, "
+            f"{comm.device.type}; rank 0 writes {out}", flush=True)
         single.train(config, data, out, resume=resume, log=log, comm=comm)
+        dist.destroy_process_group()
         return 0
     except UserError as e:
-        if main:
-            print(f"facegender: error: {e}", file=sys.stderr)
+        _signals.ended = True
+        if main:  # every rank meets the same mistake; one of them says so
+            print(f"facegender: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (Stopped, KeyboardInterrupt) as e:
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {e} from torchrun"
-        print(f"facegender: {where}: {why} (another rank failed, or the job was interrupted); {out} keeps its "
-              f"last finished epoch: continue with the same command and --resume", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 143
-    except dist.DistError as e:
-        print(f"facegender: {where}: lost another rank ({type(e).__name__}: {str(e).splitlines()[0]}); {out} keeps "
-              f"its last finished epoch: continue with the same command and --resume", file=sys.stderr)
-        return 1
+    except BaseException as e:  # noqa: BLE001 - whatever ends a rank, it ends with the line that says what to do
+        _signals.ended = True
+        what, status = ending(e)
+        if status == 1 and not _collective_error(e) and not isinstance(e, MemoryError):
+            traceback.print_exc()  # not a lost rank: a defect, whose traceback is what its fix needs
+        print(f"facegender: rank {rank} of {world_size}: {what}; {how_to_continue(out)}", file=sys.stderr, flush=True)
+        return status
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        if not _signals.ended:  # after a failure, a late SIGTERM from torchrun must not cut the exit short
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def ending(e: BaseException) -> tuple[str, int]:
+    """What ended the rank, in words, and its exit status."""
+    if isinstance(e, Stopped):
+        if str(e) == "SIGINT":
+            return "interrupted by SIGINT", 130
+        return f"stopped by {e} (torchrun stops every rank when one of them fails, or the job was stopped)", 143
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    detail = _first_line(e)
+    if _collective_error(e):
+        return f"lost contact with another rank during {_phase(e)} ({detail})", 1
+    return f"failed during {_phase(e)} ({type(e).__name__}: {detail})", 1
+
+
+_GLOO_OR_NCCL = re.compile(r"gloo|nccl|pair\.cc|connection (reset|closed|refused)|broken pipe|timed out|"
+                           r"process ?group|c10d|socket", re.IGNORECASE)
+
+# the innermost frame named here says what the rank was doing
+_PHASES = {"backward": "the gradient all-reduce of a training step", "train_step": "a training step",
+           "train_one_epoch": "the end of a training epoch", "predict_split": "validation",
+           "node_first": "the wait for the image cache", "start": "the start of the job"}
+
+
+def _collective_error(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_GLOO_OR_NCCL.search(str(e))))
+
+
+def _phase(e: BaseException) -> str:
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if frame.name in _PHASES:
+            return _PHASES[frame.name]
+    return "training"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = re.sub(r"^\[[^\]]*:\d+\]\s*", "", lines[0]) if lines else type(e).__name__  # gloo's source position
+    line = line.split(". ", 1)[0]  # gloo goes on with advice that fits the C++ developer, not this user
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def how_to_continue(out: str | Path) -> str:
+    """Where the last checkpoint is, and the command that continues the run from it (or starts it again)."""
+    last = Path(out) / "last.safetensors"
+    launcher = _launcher()
+    epoch = _epoch_of(last)
+    if epoch is None:
+        return (f"no epoch had finished, so there is no checkpoint yet: start again with "
+                f"{shlex.join([*launcher, *sys.argv[1:]])}")
+    return (f"the last checkpoint is {last} (epoch {epoch}): continue with "
+            f"{shlex.join([*launcher, 'train', '--out', str(out), '--resume'])}")
+
+
+def _epoch_of(path: Path) -> int | None:
+    from .checkpoint import read_meta
+
+    if not path.is_file():
+        return None
+    try:
+        return int(read_meta(path)["epoch"])
+    except (UserError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _launcher() -> list[str]:
+    """The torchrun command line that started this rank, up to the training command (``train ...``).
+
+    torchrun is this process's parent and ends its command line with this rank's arguments; where its command
+    line cannot be read (not Linux, another launcher), the equivalent is built from torchrun's environment.
+    """
+    mine = sys.argv[1:]
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+        head = argv[:len(argv) - len(mine)]
+        if mine and argv[len(head):] == mine and any(
+                a == "torch.distributed.run" or os.path.basename(a) == "torchrun" for a in head):
+            if len(head) > 1 and os.path.basename(head[1]) == "torchrun":  # the console script, as the OS runs it
+                head = ["torchrun" if shutil.which("torchrun") == head[1] else head[1], *head[2:]]
+            return head
+    nodes, per_node = os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    where = ["--standalone"] if nodes == "1" else ["--nnodes", nodes]
+    return ["torchrun", *where, "--nproc-per-node", per_node, "-m", "facegender.cli"]

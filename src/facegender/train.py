@@ -20,6 +20,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import CLASSES, MEAN, STD, TrainConfig, load_config, save_config
 from .data import Sample, load_samples_many
+from .distributed import uninterrupted
 from .evaluate import assess, checkpoint_summary, skipped_summary
 from .torchmodels import build_torch_face_model
 from .io import UserError, write_text
@@ -147,6 +148,8 @@ def new_run(config: TrainConfig, data: list[str], out: Path) -> Run:
 
 def resume_run(out: Path, epochs: int | None = None) -> Run:
     path = checkpoint.resolve(out, "last")
+    for stale in out.glob(".*.tmp"):  # a write cut short by SIGKILL leaves its temporary file; never the checkpoint
+        stale.unlink(missing_ok=True)
     tensors, meta = checkpoint.load_torch(path)
     config = load_config(**(meta["config"] | {"weights": "none"} | ({"epochs": epochs} if epochs else {})))
     run = new_run(config, meta["data"], out)
@@ -262,18 +265,18 @@ def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
     scaler = grad_scaler(run.device, run.precision)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=batches.count("train"), desc=f"epoch {run.epoch + 1}/{run.config.epochs}", unit="img",
-               leave=False, dynamic_ncols=True, mininterval=1.0, disable=not run.main)
-    for x, y, idx in batches("train", train=True):
-        loss, right = train_step(run, x, y, loss_fn, scaler, idx)
-        n = len(y)
-        total_loss += loss * n
-        correct += right
-        seen += n
-        bar.update(n * run.world_size)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
-                        img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-    bar.close()
+    # a with block: whatever ends the epoch early, the bar is cleared and the next line starts clean
+    with tqdm(total=batches.count("train"), desc=f"epoch {run.epoch + 1}/{run.config.epochs}", unit="img",
+              leave=False, dynamic_ncols=True, mininterval=1.0, disable=not run.main) as bar:
+        for x, y, idx in batches("train", train=True):
+            loss, right = train_step(run, x, y, loss_fn, scaler, idx)
+            n = len(y)
+            total_loss += loss * n
+            correct += right
+            seen += n
+            bar.update(n * run.world_size)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     if run.comm:
         total_loss, correct, seen = run.comm.sum(total_loss, correct, seen)
     seconds = time.perf_counter() - start
@@ -285,8 +288,6 @@ def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
 def predict_split(run: Run, batches: Batches, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits, labels and sample indices for every readable image of a split."""
     run.model.eval()
-    if run.comm:
-        run.comm.sync_buffers(run.model)
     net = run.model if run.comm else run.forward  # each rank evaluates its share without the DDP wrapper
     logits, labels, indices = [], [], []
     for x, y, idx in batches(split):
@@ -366,10 +367,11 @@ def train(config: TrainConfig | None, data: list[str], out: str | Path, resume: 
                "wall_seconds": round(time.perf_counter() - epoch_start, 1)}
         run.history.append(row)
         if run.main:
-            if improved:
-                save_best(run, val_loss=val_loss, val_acc=val_acc)
-            save_last(run)
-            write_history(run)
+            with uninterrupted():  # under torchrun a SIGTERM waits for the checkpoint to be whole
+                if improved:
+                    save_best(run, val_loss=val_loss, val_acc=val_acc)
+                save_last(run)
+                write_history(run)
         log(f"epoch {run.epoch:2d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s"
             + ("  *best" if improved else ""))
