@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import shared
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'facegender[ray]' (make test installs it)")
-pq = pytest.importorskip("pyarrow.parquet")
+pq = pytest.importorskip("pyarrow.parquet",
+                         reason="pyarrow is not installed (Ray Data needs it): pip install 'facegender[ray]'")
 
 NUMBERS = ("confidence", "p_male")
 

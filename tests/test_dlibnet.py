@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dlib  # a core dependency (dlib-bin): without it the install is broken; no skip
 import numpy as np
 import pytest
 import skimage.data
@@ -15,8 +16,6 @@ from facegender.chips import MODEL_FILE, face_chips, full_object_detection
 from facegender.dlibnet import DescriptorNet, converted_state, read_dat
 from facegender.io import UserError
 from facegender.io import cache_dir
-
-dlib = pytest.importorskip("dlib")
 
 FACES_PER_CORPUS = 20
 
