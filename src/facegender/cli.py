@@ -91,6 +91,7 @@ def cmd_evaluate(args) -> int:
     require("evaluate", "eval")
     from .evaluate import evaluate_checkpoint
 
+    _decoding_limits(args)
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out, batch_size=args.batch_size,
                         device=args.device)
     return 0
@@ -107,14 +108,27 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     require("serve", "serve")
-    from .serve import serve
+    from .images import DEFAULT_MAX_PIXELS
+    from .serve import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_MEMORY_MB, check_limits, serve
 
+    defaults = {"max_pixels": DEFAULT_MAX_PIXELS, "max_memory_mb": DEFAULT_MAX_MEMORY_MB,
+                "body_timeout": DEFAULT_BODY_TIMEOUT}
+    limits = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in defaults.items()}
+    check_limits(args.max_upload_mb, **limits)  # once here, not once in each worker process
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
           micro_batching=not args.no_micro_batching, device=args.device, backend=args.backend,
-          model_threads=args.model_threads)
+          model_threads=args.model_threads, **limits)
     return 0
+
+
+def _decoding_limits(args) -> None:
+    from .images import map_large_buffers, set_max_pixels
+
+    map_large_buffers()  # a large image's memory goes back to the system when it is decoded
+    if args.max_pixels is not None:
+        set_max_pixels(args.max_pixels)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -125,6 +139,7 @@ def _is_checkpoint(path: str) -> bool:
 def cmd_predict(args) -> int:
     from .inference import Classifier, expand_inputs
 
+    _decoding_limits(args)
     inputs = list(args.inputs)
     model = args.model
     if model is None and inputs and _is_checkpoint(inputs[0]):
@@ -272,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: CHECKPOINT_DIR/eval_SPLIT)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    _max_pixels_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label images",
@@ -299,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine's cluster, ray://HEAD:10001 a remote one; --output is then a folder of Parquet shards")
     p.add_argument("--ray-workers", type=int,
                    help="labelling actors, one model each (default: one per GPU of the cluster, else one per CPU)")
+    _max_pixels_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a checkpoint's model alone, for shipping",
@@ -339,8 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "is installed")
     p.add_argument("--model-threads", type=int,
                    help="the model's threads per server process (default: half of its share of the cores)")
+    _max_pixels_option(p)
+    p.add_argument("--max-memory-mb", type=float,
+                   help="uploads and decoded images in flight, in MiB, per server process; a request beyond it is "
+                        "answered 503 with Retry-After (default 512)")
+    p.add_argument("--body-timeout", type=float,
+                   help="seconds for a request's body to arrive; a slower one is answered 408 and its connection "
+                        "closed (default 30)")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _max_pixels_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=int,
+                   help="larger images are refused before they are decoded, as decompression bombs "
+                        "(default 50000000: a 50-megapixel photo)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,23 +1,49 @@
-"""Image decoding: the one decode + crop + resize that training, evaluation and prediction all use."""
+"""Image decoding: the one decode + crop + resize that training, evaluation and prediction all use.
+
+Every file is opened the same guarded way (``open_image``): only the formats of the allow-list, only up to a
+pixel budget, and decoded without full-size copies: a JPEG is reduced by libjpeg while it decodes (when
+the caller needs fewer pixels), any other format is converted to RGB and reduced strip by strip. Peak
+memory while decoding one image is at most ``decoding_cost``: 4 bytes per decoded pixel (Pillow's
+own storage, 1 for greyscale and palette, 2 for 16-bit) plus 4 per pixel of the RGB image handed on, plus
+a few MiB of strips.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .config import IMAGE_SIZE
+from .io import UserError
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels; may extend beyond the image
 
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
-_WIDE = {"I", "F"}
+# Pillow's names for the accepted formats. Every other reader stays off: some run interpreters (EPS hands
+# the file to Ghostscript) or have seen far less hostile input than these. MPO (a JPEG carrying extra
+# pictures, as many phones write) opens through the JPEG reader.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+DEFAULT_MAX_PIXELS = 50_000_000  # a 50 MP camera's photo; --max-pixels
+_MAX_PIXELS_ENV = "FACEGENDER_MAX_PIXELS"  # the environment carries the budget to spawned worker processes
+STRIP_PIXELS = 1 << 19  # converted at a time
+_STRIP_BYTES = 64 * STRIP_PIXELS  # the strip, its float64 scaling or RGBA compositing, its RGB copy: 32 MiB
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # Pillow: 4 for the rest
+_WEBP_BYTES = 12  # per pixel, beyond Pillow's 4: libwebp's canvases (made when the file is opened) and a copy
+_WIDE = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+# formats Pillow has no reader for, named so that the answer says what was sent
+_OTHER_FORMATS = ((b"%PDF-", "PDF"), (b"<svg", "SVG"), (b"<?xml", "SVG"))
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transposition that makes the image upright
 
 
 class BadImage(Exception):
@@ -35,6 +61,32 @@ class BadImage(Exception):
         return BadImage, (self.path, self.reason, self.detail)
 
 
+def max_pixels() -> int:
+    """The pixel budget: larger images are refused before they are decoded (``set_max_pixels``)."""
+    return int(os.environ.get(_MAX_PIXELS_ENV) or DEFAULT_MAX_PIXELS)
+
+
+def set_max_pixels(pixels: int) -> None:
+    """Set the pixel budget of this process and of the worker processes it starts later (--max-pixels)."""
+    if pixels < 1:
+        raise UserError(f"--max-pixels {pixels}: must be at least 1 (default {DEFAULT_MAX_PIXELS:,})")
+    os.environ[_MAX_PIXELS_ENV] = str(int(pixels))
+
+
+def map_large_buffers(threshold: int = 1 << 20) -> None:
+    """Have the C allocator map every buffer of ``threshold`` bytes or more on its own and unmap it when
+    freed: then the memory of a large image (its pixels, its strips, its upload) goes back to the system as
+    soon as it is done with. glibc's default raises the threshold each time such a buffer is freed, after
+    which large images are carved from the heap, whose freed pieces stay resident and add up image after
+    image (measured: +100 MB over seven large images). Process-wide; does nothing where malloc is not glibc's.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic threshold off
+
+
 @contextlib.contextmanager
 def _decoding(name) -> Iterator[None]:
     """Translate Pillow's many failure types into one BadImage that says what is wrong with ``name``."""
@@ -44,41 +96,214 @@ def _decoding(name) -> Iterator[None]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(name, "decompression bomb, refused", str(e)) from None
-    except UnidentifiedImageError:
-        raise BadImage(name, "not an image", "unrecognised format") from None
     except OSError as e:
         if e.errno is not None:  # the operating system's error, not Pillow's
             raise BadImage(name, "unreadable", e.strerror) from None
         why = "truncated" if "truncated" in str(e).lower() else "corrupt"
         raise BadImage(name, why, f"{e.__class__.__name__}: {e}") from None
-    except (SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+    except (SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError) as e:
         raise BadImage(name, "corrupt", f"{e.__class__.__name__}: {e}") from None
+    except MemoryError:
+        raise BadImage(name, "too large to decode", "out of memory") from None
 
 
-def _scale_to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.round((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+class Opened(NamedTuple):
+    """An image file whose header has been read and accepted, its pixels not yet decoded."""
+
+    image: Image.Image  # reduced while decoding where ``min_side`` allows (a JPEG's draft)
+    name: str  # what errors call it
+    size: tuple[int, int]  # the file's own width and height
+    min_side: int | None  # decode no smaller than this on the longer side; None: every pixel
+    cost: int  # the most bytes decoding it holds at once (``decoding_cost``)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in _SIXTEEN_BIT:
-        # Scale by the full 16-bit range so brightness means what the file meant; converting directly clips.
-        grey = _scale_to_uint8(np.asarray(img), 0, 65535)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if img.mode in _WIDE:
-        # 32-bit data has no nominal range: stretch what is there.
-        a = np.asarray(img, dtype=np.float64)
+def open_image(source: str | os.PathLike | bytes, name, min_side: int | None = None, pixels: int | None = None,
+               afford: Callable[[int], None] | None = None) -> Opened:
+    """Read the header of a file (a path, or the bytes of one) and check it: a format of ``FORMATS`` (else
+    BadImage "not a supported image" or "not an image": 415 to the API) and at most ``pixels`` (default
+    ``max_pixels()``; else "decompression bomb, refused"). Cheap: nothing is decoded yet (``decode``).
+
+    ``afford(cost)`` is called with the bytes decoding will hold (``Opened.cost``) before any of them are
+    taken, and may raise to refuse them: a server's memory budget.
+    """
+    pixels = pixels or max_pixels()
+    with _decoding(name):
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise BadImage(name, "empty file")
+            fp = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                raise BadImage(name, "empty file")
+            fp = source
+        webp = _webp_size(_prefix(source, 30))
+        if webp:  # checked before Pillow opens it: libwebp takes its memory then, not when it decodes
+            _check_pixels(webp, name, pixels)
+            if afford:
+                afford(webp[0] * webp[1] * (4 + _WEBP_BYTES) + _STRIP_BYTES)
+        try:
+            image = Image.open(fp, formats=FORMATS)
+        except UnidentifiedImageError:
+            raise BadImage(name, *_unrecognised(_prefix(source, 4096))) from None
+        try:
+            opened = _checked(image, name, min_side, pixels)
+            if afford and not webp:
+                afford(opened.cost)
+            return opened
+        except BaseException:
+            image.close()
+            raise
+
+
+def _check_pixels(size: tuple[int, int], name, budget: int) -> None:
+    width, height = size
+    # Pillow refuses beyond twice MAX_IMAGE_PIXELS and only warns between once and twice it: checked here
+    # rather than by turning the warning into an error, because the warnings filters are global to the
+    # process and images decode on several threads at once.
+    pillow = Image.MAX_IMAGE_PIXELS or budget
+    if width * height > min(budget, pillow):
+        flag = " (--max-pixels)" if budget <= pillow else ""
+        raise BadImage(name, "decompression bomb, refused",
+                       f"{width} x {height} = {width * height / 1e6:.1f} M pixels, more than the "
+                       f"{min(budget, pillow) / 1e6:g} M allowed{flag}")
+    if width < 1 or height < 1:
+        raise BadImage(name, "corrupt", f"{width} x {height} pixels")
+
+
+def _checked(image: Image.Image, name, min_side: int | None, budget: int) -> Opened:
+    _check_pixels(image.size, name, budget)
+    width, height = size = image.size
+    if min_side and image.format in ("JPEG", "MPO") and max(size) > 2 * min_side:
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale, skipping the detail: several times faster than decoding
+        # it all and shrinking; the longer side stays at least min_side
+        k = min_side / max(size)
+        image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
+    return Opened(image, str(name), size, min_side, decoding_cost(image, min_side))
+
+
+def decoding_cost(image: Image.Image, min_side: int | None) -> int:
+    """Bytes that decoding ``image`` (header read, draft applied) holds at its peak: its pixels as Pillow
+    stores them, the RGB image handed on, and the strips between the two."""
+    width, height = image.size
+    stored = width * height * _STORED_BYTES.get(image.mode, 4)
+    if image.format == "WEBP":
+        stored += width * height * _WEBP_BYTES
+    k = _reduction(image.size, min_side)
+    if k == 1 and image.mode == "RGB":
+        return stored  # handed on as decoded
+    return stored + 4 * math.ceil(width / k) * math.ceil(height / k) + _STRIP_BYTES
+
+
+def _reduction(size: tuple[int, int], min_side: int | None) -> int:
+    """The whole factor an image is shrunk by, its longer side kept at least ``min_side``."""
+    return max(1, max(size) // min_side) if min_side else 1
+
+
+def _prefix(source, n: int) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[:n])
+    with open(source, "rb") as f:
+        return f.read(n)
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """A WebP file's width and height from its first 30 bytes (None for anything else)."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if chunk == b"VP8L":
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 ":
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
+
+
+def _unrecognised(prefix: bytes) -> tuple[str, str]:
+    """(reason, detail) for a file no accepted format reads: name the format where it is a known one."""
+    head = prefix.lstrip(b"\xef\xbb\xbf \t\r\n")
+    found = next((fmt for magic, fmt in _OTHER_FORMATS if head.startswith(magic)), None)
+    if found == "SVG" and b"<svg" not in prefix.lower():
+        found = None  # some other XML
+    if prefix[4:8] == b"ftyp" and prefix[8:12] in _HEIF_BRANDS:
+        found = "HEIF"
+    if found is None:
+        Image.init()
+        for fmt, (_, accept) in Image.OPEN.items():
+            # only the readers' signature checks run, on the first bytes, never the readers themselves
+            with contextlib.suppress(Exception):
+                if fmt not in FORMATS and accept and accept(prefix[:16]):
+                    found = fmt
+                    break
+    if found is None:
+        return "not an image", "unrecognised format"
+    return "not a supported image", f"{found}; send {FORMAT_NAMES}"
+
+
+def decode(opened: Opened) -> tuple[Image.Image, float]:
+    """Decode an ``open_image`` into an upright 8-bit RGB image, reduced by a whole factor where its longer
+    side is at least twice ``min_side``; also the factor from its pixels to the file's. BadImage if it
+    does not decode (truncated, corrupt)."""
+    image = opened.image
+    with _decoding(opened.name), image:
+        image.load()  # decode now, so that a truncated file fails here rather than later
+        turn = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
+        rgb = _rgb(image, _reduction(image.size, opened.min_side))
+        if rgb is not image:
+            image.close()  # its pixels, now: the caller may hold ``opened`` a while longer
+        if turn is not None:
+            rgb = rgb.transpose(turn)
+    return rgb, max(opened.size) / max(rgb.size)
+
+
+def _rgb(image: Image.Image, k: int) -> Image.Image:
+    """``image`` (decoded) in RGB, shrunk k times by averaging k x k blocks; converted strip by strip, so
+    that no full-size intermediate (float, RGBA) ever exists."""
+    if image.mode == "RGB" and k == 1:
+        return image
+    width, height = image.size
+    lo, hi = _range(image)
+    transparent = image.has_transparency_data
+    out = Image.new("RGB", (math.ceil(width / k), math.ceil(height / k)))
+    rows = max(1, STRIP_PIXELS // (width * k)) * k  # whole blocks of k rows, so strips reduce like the whole
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        strip = _strip_rgb(strip, lo, hi, transparent)
+        out.paste(strip.reduce(k) if k > 1 else strip, (0, top // k))
+    return out
+
+
+def _range(image: Image.Image) -> tuple[float, float]:
+    """The values that map to black and white: 16-bit data by its nominal range (brightness means what the
+    file meant; converting directly clips), 32-bit data by what is there (it has no nominal range)."""
+    if image.mode not in _WIDE:
+        return 0.0, 255.0
+    if image.mode.startswith("I;16"):
+        return 0.0, 65535.0
+    lo, hi = math.inf, -math.inf
+    width, height = image.size
+    rows = max(1, STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        a = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)
         finite = a[np.isfinite(a)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        grey = _scale_to_uint8(np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo), lo, hi)
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def _strip_rgb(strip: Image.Image, lo: float, hi: float, transparent: bool) -> Image.Image:
+    if strip.mode in _WIDE:
+        a = np.nan_to_num(np.asarray(strip, dtype=np.float64), nan=lo, posinf=hi, neginf=lo)
+        grey = (np.zeros(a.shape, np.uint8) if hi <= lo else
+                np.round((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8))
         return Image.fromarray(grey, "L").convert("RGB")
-    if img.has_transparency_data:
+    if transparent:
         # Transparent pixels carry arbitrary colour; a white background is what viewers show.
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, strip.convert("RGBA")).convert("RGB")
+    return strip if strip.mode == "RGB" else strip.convert("RGB")
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
@@ -87,49 +312,24 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def open_rgb_reduced(path: str | os.PathLike, min_side: int | None) -> tuple[Image.Image, float]:
-    """``open_rgb``, but a JPEG whose longer side exceeds twice ``min_side`` is decoded at 1/2, 1/4 or 1/8
-    scale (libjpeg skips the detail while decoding: several times faster than decoding it all and
-    shrinking), the longer side kept at least ``min_side``. Also returns the factor from the decoded
-    image's pixels to the file's.
+    """``open_rgb``, but an image whose longer side exceeds twice ``min_side`` is reduced while it decodes
+    (a JPEG by libjpeg at 1/2, 1/4 or 1/8 scale: several times faster than decoding it all), its longer
+    side kept at least ``min_side``. Also returns the factor from the decoded image's pixels to the file's.
     """
-    with _decoding(path):
-        if os.path.getsize(path) == 0:
-            raise BadImage(path, "empty file")
-        with Image.open(path) as img:
-            return _loaded_rgb(img, min_side)
+    return decode(open_image(path, path, min_side))
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
+def decode_rgb(data: bytes, name: str, min_side: int | None = None) -> Image.Image:
     """``open_rgb`` for an image's bytes already in memory (an upload, a file Ray read); ``name`` is what
     the errors call it. The bytes never touch the disk."""
-    with _decoding(name):
-        if not data:
-            raise BadImage(name, "empty file")
-        with Image.open(io.BytesIO(data)) as img:
-            return _loaded_rgb(img, None)[0]
-
-
-def _loaded_rgb(img: Image.Image, min_side: int | None) -> tuple[Image.Image, float]:
-    # Pillow refuses beyond twice MAX_IMAGE_PIXELS and only warns between once and twice it; no face photo
-    # is that large. Checked here rather than by turning the warning into an error, because the warnings
-    # filters are global to the process and images decode on several threads at once.
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.width * img.height > limit:
-        raise Image.DecompressionBombError(f"{img.width} x {img.height} pixels is more than the {limit} allowed")
-    full = max(img.size)
-    if min_side and img.format == "JPEG" and full > 2 * min_side:
-        k = min_side / full
-        img.draft("RGB", (math.ceil(img.width * k), math.ceil(img.height * k)))
-    img.load()  # decode now, so a truncated file fails here rather than later
-    return _to_rgb(ImageOps.exif_transpose(img)), full / max(img.size)
+    return decode(open_image(data, name, min_side))[0]
 
 
 def check_image(data: bytes, name: str) -> None:
     """Raise BadImage if ``data`` does not decode; cheap: JPEGs decode at 1/8 scale, which still reads every byte."""
-    if not data:
-        raise BadImage(name, "empty file")
-    with _decoding(name), Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":
+    opened = open_image(data, name)
+    with _decoding(name), opened.image as img:
+        if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (1, 1))
         img.load()
 
