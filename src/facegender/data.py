@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import random
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import CLASSES
+from .detect import DEFAULT_DETECTOR
 from .images import BadImage, check_image, open_rgb, parallel_map
 from .io import UserError, atomic_open
 
@@ -80,7 +82,8 @@ class PrepareReport:
 # ---------------------------------------------------------------- preparers
 
 
-def prepare_utkface(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
+def prepare_utkface(src, out, seed: int = 0, workers: int = 2, detect: bool = True,
+                    detector: str = DEFAULT_DETECTOR) -> PrepareReport:
     """UTKFace: labels in names ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``, gender 0 = male, 1 = female."""
     src = _existing_dir(src)
     samples, dropped, distrusted = [], [], {}
@@ -109,10 +112,11 @@ def prepare_utkface(src, out, seed: int = 0, workers: int = 2, detect: bool = Tr
                 race=UTK_RACES[int(fields[2])] if fields[2] else "",
             )
         )
-    return _finish(samples, dropped, out, seed, workers, detect, "utkface", distrusted)
+    return _finish(samples, dropped, out, seed, workers, detect, "utkface", distrusted, detector)
 
 
-def prepare_celeba(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
+def prepare_celeba(src, out, seed: int = 0, workers: int = 2, detect: bool = True,
+                   detector: str = DEFAULT_DETECTOR) -> PrepareReport:
     """CelebA: ``list_attr_celeba.txt`` (gender = the ``Male`` column) and optional ``identity_CelebA.txt``."""
     src = _existing_dir(src).resolve()
     attr_file = src / "list_attr_celeba.txt"
@@ -127,10 +131,11 @@ def prepare_celeba(src, out, seed: int = 0, workers: int = 2, detect: bool = Tru
             samples.append(Sample(str(path), int(male), "", "celeba", identities.get(name, "")))
     if not samples:
         raise UserError(f"{image_dir}: none of the files listed in {attr_file.name} are here")
-    return _finish(samples, [], out, seed, workers, detect, "celeba")
+    return _finish(samples, [], out, seed, workers, detect, "celeba", detector=detector)
 
 
-def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
+def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 2, detect: bool = True,
+                detector: str = DEFAULT_DETECTOR) -> PrepareReport:
     """A CSV of file + gender (+ optional identity, age, race); relative paths resolve against
     ``image_root``, else the first of the CSV's folder, its ``img/`` and its ``images/`` that holds them."""
     labels_csv = Path(labels_csv).resolve()
@@ -164,10 +169,11 @@ def prepare_csv(labels_csv, out, image_root=None, seed: int = 0, workers: int = 
                     race=_cell(row, columns.get("race")).lower(),
                 )
             )
-    return _finish(samples, dropped, out, seed, workers, detect, source)
+    return _finish(samples, dropped, out, seed, workers, detect, source, detector=detector)
 
 
-def prepare_folder(src, out, seed: int = 0, workers: int = 2, detect: bool = True) -> PrepareReport:
+def prepare_folder(src, out, seed: int = 0, workers: int = 2, detect: bool = True,
+                   detector: str = DEFAULT_DETECTOR) -> PrepareReport:
     """A folder of class folders, ``female/`` and ``male/`` (any case), to be split."""
     src = _existing_dir(src).resolve()
     class_dirs = _class_dirs(src)
@@ -178,7 +184,7 @@ def prepare_folder(src, out, seed: int = 0, workers: int = 2, detect: bool = Tru
         for label, folder in class_dirs
         for path in _image_files(folder)
     ]
-    return _finish(samples, [], out, seed, workers, detect, src.name)
+    return _finish(samples, [], out, seed, workers, detect, src.name, detector=detector)
 
 
 # ---------------------------------------------------------------- shared preparation mechanics
@@ -186,7 +192,7 @@ def prepare_folder(src, out, seed: int = 0, workers: int = 2, detect: bool = Tru
 
 def _finish(
     samples: list[Sample], dropped: list, out, seed: int, workers: int, detect: bool, source: str,
-    distrusted: dict | None = None,
+    distrusted: dict | None = None, detector: str = DEFAULT_DETECTOR,
 ) -> PrepareReport:
     """Check files, drop doubtful labels, collapse duplicates, split, and write the manifest.
 
@@ -216,7 +222,7 @@ def _finish(
     final = sorted(_assign_splits(kept, seed), key=lambda s: s.path)
     undetected = None
     if detect:
-        found = parallel_map(_face_box, [s.path for s in final], workers)
+        found = parallel_map(functools.partial(_face_box, detector=detector), [s.path for s in final], workers)
         final = [replace(s, box=box, landmarks=points) for s, (box, points) in zip(final, found)]
         undetected = sum(box is None for box, _ in found)
     out = Path(out)
@@ -228,18 +234,17 @@ def _finish(
     return PrepareReport(source, out / MANIFEST, _counts(final), sorted(dropped), undetected)
 
 
-_DETECTOR = None  # one per process: parallel_map's workers each build their own on first use
+_DETECTORS: dict = {}  # one of each kind per process: parallel_map's workers each build their own on first use
 
 
-def _face_box(path: str) -> tuple[tuple[int, int, int, int] | None, tuple[float, ...] | None]:
+def _face_box(path: str, detector: str = DEFAULT_DETECTOR) -> tuple[tuple[int, int, int, int] | None, tuple[float, ...] | None]:
     """The canonical crop and the 5 landmarks of the largest face; (None, None) (train on the whole image)
     when none is found."""
-    global _DETECTOR
     from .detect import FaceDetector, detect_faces
 
-    if _DETECTOR is None:
-        _DETECTOR = FaceDetector()
-    found = detect_faces(open_rgb(path), _DETECTOR)
+    if detector not in _DETECTORS:
+        _DETECTORS[detector] = FaceDetector(detector)
+    found = detect_faces(open_rgb(path), _DETECTORS[detector])
     if not found:
         return None, None
     face, box = found[0]

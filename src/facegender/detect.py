@@ -1,25 +1,38 @@
 """Face detection and the one canonical face crop that training and prediction both use.
 
-The detector is dlib's HOG frontal-face detector (built into dlib, no model file) refined by dlib's
-5-point landmark model (shipped in the face-recognition-models package), which gives both eyes. Both run
-offline; nothing is downloaded at run time.
+Two detectors, each refined by dlib's 5-point landmark model (public domain, shipped with facegender),
+which places the descriptor chip and gives both eyes:
+
+- ``blazeface`` (the default): MediaPipe's BlazeFace networks on onnxruntime (``blazeface.py``). It finds
+  faces tilted by 45 degrees and more, profiles, and faces down to about 40 px, in less time than HOG.
+- ``hog``: dlib's HOG frontal-face detector (built into dlib, no model file): upright, near-frontal faces
+  of 80 px and more (40 px in small images).
+
+Everything runs offline; nothing is downloaded at run time.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import math
 import pickle
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
+from .blazeface import LEFT_EYE, MIN_SCORE, RIGHT_EYE, BlazeFace, Detection, merge
 from .io import UserError
 
-INSTALL_HINT = "pip install 'dlib-bin>=20.0.1,<21' 'face-recognition-models==0.3.0'"
+INSTALL_HINT = "pip install 'dlib-bin>=20.0.1,<21'"
+MODELS_HINT = "pip install 'facegender[train]' (it brings face-recognition-models)"
+
+DETECTORS = ("blazeface", "hog")
+DEFAULT_DETECTOR = "blazeface"  # finds more faces than HOG in less time: benchmarks/detectors.py
 
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"
 
@@ -31,6 +44,29 @@ UPSAMPLE_BELOW = 400
 MAX_SIDE = 1280
 # Tight chips (UTKFace) leave the detector no margin: a miss is retried on the image padded by this much.
 RETRY_PAD = 0.25
+
+# BlazeFace passes (benchmarks/detectors.py measured the reach of each network):
+# the short-range network at 128 px finds faces of a quarter of the image's longer side and more,
+SHORT_REACH = 0.25
+# the full-range one faces of about 28 px at its input and more, so a second pass at a larger input finds
+# faces down to MIN_FACE px where the image is big enough to hold faces the first pass cannot see;
+FULL_FACE_AT_INPUT = 28
+MIN_FACE = 40  # px, the default; HOG's smallest, in small images
+FULL_MAX_SIDE = 640  # its cost grows with the input's area: above this, faces under 1/23 of the side are missed
+# A BlazeFace miss is retried on a copy padded by this share of the longer side: on the UTKFace chips it
+# missed, half the side found more faces than a quarter.
+BLAZEFACE_RETRY_PAD = 0.5
+# BlazeFace's square box, as dlib's HOG box (which the landmark model and the canonical crop were made with):
+# same centre lowered by this fraction of the side, side scaled by this (medians over 450 faces of the
+# three corpora that both detectors found).
+BLAZEFACE_TO_HOG = {"short": (-0.017, 0.983), "full": (0.025, 0.922)}
+# A face tilted more than this (eye line, degrees) is turned upright before its landmarks are placed:
+# dlib's landmark model was trained on upright faces.
+UPRIGHT_WITHIN = 10.0
+# The landmark model sees a tilted BlazeFace face through an affine warp, with the face at most this many
+# px wide (enough for its precision) on a canvas this many times as wide (the margin it reads).
+LANDMARK_FACE = 160
+LANDMARK_CANVAS = 1.5
 
 # The canonical crop, in eye distances (centre of one eye to the other), measured on 200 UTKFace chips,
 # whose framing is the tightest of the three corpora: side 2.6, eye line 0.30 from the top. A little
@@ -58,33 +94,52 @@ class Face:
 
 
 def packaged_model(name: str) -> Path:
-    """A model file shipped by the face-recognition-models package."""
+    """A dlib model file: the 5-point landmark model ships with facegender itself (public domain, 9 MB); the
+    others (the descriptor network's .dat, for training) come with the face-recognition-models package."""
+    shipped = Path(__file__).parent / "weights" / name
+    if shipped.is_file():
+        return shipped
     # Located without importing the package: its __init__ needs pkg_resources, gone from new setuptools.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"{name} comes with the face-recognition-models package: {INSTALL_HINT}")
+        raise UserError(f"{name} comes with the face-recognition-models package: {MODELS_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
-        raise UserError(f"{path} is missing: reinstall it with {INSTALL_HINT}")
+        raise UserError(f"{path} is missing: reinstall it with {MODELS_HINT}")
     return path
 
 
 class FaceDetector:
-    """dlib HOG detector + 5-point landmarks. Cheap to construct: the models load on first use.
+    """A face detector (``kind``: one of DETECTORS) + dlib's 5-point landmarks. Cheap to construct: the
+    models load on first use.
 
-    One instance may be shared by the threads of a process. dlib's detector objects are not safe to share
-    (each keeps scratch state), so a thread borrows a set of its own for each image and gives it back:
-    at most one set per thread that detects at once is ever loaded, and later threads (a new pool, a new
-    request) reuse them. dlib releases the GIL while it searches, so threads run in parallel.
+    One instance may be shared by the threads of a process. dlib's objects are not safe to share (each
+    keeps scratch state), so a thread borrows a set of its own for each image and gives it back: at most
+    one set per thread that detects at once is ever loaded, and later threads (a new pool, a new request)
+    reuse them. dlib releases the GIL while it searches, and onnxruntime while it runs BlazeFace (one
+    session for every thread, one core per run), so threads run in parallel.
     """
 
-    def __init__(self, min_score: float = 0.0, always_upsample: bool = False):
-        self.min_score = min_score  # dlib's own threshold is 0; raise it to trade recall for precision
-        # True: search small images at double size even where native scale found a face, which also finds
-        # faces of 40-80 px beside bigger ones in them, at about five times the cost
+    def __init__(self, kind: str = DEFAULT_DETECTOR, min_score: float | None = None, always_upsample: bool = False,
+                 min_face: float = MIN_FACE):
+        if kind not in DETECTORS:
+            raise UserError(f"--detector {kind!r}: use one of {', '.join(DETECTORS)}")
+        self.kind = kind
+        # the detector's own threshold when None (HOG: 0, BlazeFace: blazeface.NETWORKS); raise it to trade recall for precision
+        self.min_score = min_score
+        # HOG only. True: search small images at double size even where native scale found a face, which
+        # also finds faces of 40-80 px beside bigger ones in them, at about five times the cost
         self.always_upsample = always_upsample
+        # BlazeFace only: the smallest face sought, px. Smaller costs more: the second pass's input grows
+        # with 1/min_face (up to FULL_MAX_SIDE)
+        if min_face <= 0:
+            raise UserError(f"min_face {min_face}: must be above 0 (px)")
+        self.min_face = min_face
         self._idle: list = []  # loaded (detector, landmarks, dlib) sets that no thread is using now
         self._lock = threading.Lock()
+        self._networks = {}
+        if kind == "blazeface":
+            self._networks = {name: BlazeFace(name, min_score) for name in ("short", "full")}
 
     @contextlib.contextmanager
     def _borrowed(self) -> Iterator[tuple]:
@@ -95,7 +150,8 @@ class FaceDetector:
                 import dlib
             except ImportError:
                 raise UserError(f"face detection needs dlib: {INSTALL_HINT}") from None
-            models = pickle.loads(_hog_detector()), dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
+            hog = pickle.loads(_hog_detector()) if self.kind == "hog" else None
+            models = hog, dlib.shape_predictor(str(packaged_model(LANDMARK_MODEL))), dlib
         try:
             yield models
         finally:
@@ -105,36 +161,109 @@ class FaceDetector:
     def detect(self, image: Image.Image) -> list[Face]:
         """Every face in ``image``, largest first."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
+        with self._borrowed() as models:
+            faces = self._blazeface(models, rgb) if self.kind == "blazeface" else self._hog(models, rgb)
+        return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+
+    def _hog(self, models: tuple, rgb: Image.Image) -> list[Face]:
         scale = min(1.0, MAX_SIDE / max(rgb.size))
         if scale < 1.0:
             rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
         a = np.asarray(rgb)
-        with self._borrowed() as models:
-            faces = self._detect(models, a, 0, 0)
-            if not faces:
-                dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
-                faces = self._detect(models, np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
-        faces = [_scaled(f, 1.0 / scale) for f in faces] if scale < 1.0 else faces
-        return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+        faces = self._hog_search(models, a, 0, 0)
+        if not faces:
+            dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
+            faces = self._hog_search(models, np.pad(a, ((dy, dy), (dx, dx), (0, 0)), mode="edge"), dx, dy)
+        return [_scaled(f, 1.0 / scale) for f in faces] if scale < 1.0 else faces
 
-    def _detect(self, models: tuple, a: np.ndarray, dx: int, dy: int) -> list[Face]:
+    def _hog_search(self, models: tuple, a: np.ndarray, dx: int, dy: int) -> list[Face]:
         """Faces in ``a``, shifted by (-dx, -dy) into the coordinates of the image it was padded from."""
-        hog, landmarks, dlib = models
+        hog, landmarks, _ = models
         a = np.ascontiguousarray(a)
         small = max(a.shape[:2]) < UPSAMPLE_BELOW
-        rects, scores, _ = hog.run(a, int(small and self.always_upsample), self.min_score)
+        threshold = 0.0 if self.min_score is None else self.min_score
+        rects, scores, _ = hog.run(a, int(small and self.always_upsample), threshold)
         if not rects and small and not self.always_upsample:
-            rects, scores, _ = hog.run(a, 1, self.min_score)
+            rects, scores, _ = hog.run(a, 1, threshold)
         faces = []
         for rect, score in zip(rects, scores):
             shape = landmarks(a, rect)
             pts = [(float(shape.part(i).x - dx), float(shape.part(i).y - dy)) for i in range(5)]
-            # The 5-point model's parts 0-1 are the corners of the eye on the image's right, 2-3 the left's.
-            right = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
-            left = ((pts[2][0] + pts[3][0]) / 2, (pts[2][1] + pts[3][1]) / 2)
             box = (rect.left() - dx, rect.top() - dy, rect.right() + 1 - dx, rect.bottom() + 1 - dy)
-            faces.append(Face(tuple(float(v) for v in box), float(score), left, right, tuple(pts)))
+            faces.append(_with_landmarks(box, float(score), pts))
         return faces
+
+    def _blazeface(self, models: tuple, rgb: Image.Image) -> list[Face]:
+        """The short-range network on the whole image and, where the image is big enough to hold faces
+        smaller than that one sees, the full-range network at the input size that reaches ``min_face``. Where
+        neither finds a face in a small image, both look again at a copy padded by BLAZEFACE_RETRY_PAD on
+        every side (tight crops leave them no margin) and take what scores MediaPipe's 0.5."""
+        short, full = self._networks["short"], self._networks["full"]
+        found = [(d, "short") for d in short.detect(rgb)]
+        longer = max(rgb.size)
+        if longer * SHORT_REACH > self.min_face:
+            side = min(FULL_MAX_SIDE, longer, longer * FULL_FACE_AT_INPUT / self.min_face)
+            found += [(d, "full") for d in full.detect(rgb, round(side))]
+        if not found and longer < UPSAMPLE_BELOW:  # a tight crop; a big photo has margins
+            pad = round(longer * BLAZEFACE_RETRY_PAD)
+            padded = Image.fromarray(np.pad(np.asarray(rgb), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+            score = MIN_SCORE if self.min_score is None else self.min_score
+            found = [(_shifted(d, pad), network) for network in ("short", "full")
+                     for d in self._networks[network].detect(padded, min_score=score)]
+        as_hog = [_hog_like(d, network) for d, network in found]
+        _, landmarks, dlib = models
+        pixels = functools.cache(lambda: np.asarray(rgb))  # made once, where an upright face needs it
+        return [_landmarked(rgb, pixels, d, landmarks, dlib) for d in merge([as_hog])]
+
+
+def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
+    # The 5-point model's parts 0-1 are the corners of the eye on the image's right, 2-3 the left's.
+    right = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
+    left = ((pts[2][0] + pts[3][0]) / 2, (pts[2][1] + pts[3][1]) / 2)
+    return Face(tuple(float(v) for v in box), score, left, right, tuple(pts))
+
+
+def _shifted(d, pad: int):
+    """A BlazeFace detection in a copy padded by ``pad`` px on every side, in the unpadded image's pixels."""
+    x0, y0, x1, y1 = d.box
+    return Detection((x0 - pad, y0 - pad, x1 - pad, y1 - pad), d.score, d.keypoints - pad)
+
+
+def _hog_like(d, network: str):
+    """A BlazeFace detection with its box made as dlib's HOG detector would draw it."""
+    lower, grow = BLAZEFACE_TO_HOG[network]
+    side = max(d.box[2] - d.box[0], d.box[3] - d.box[1])
+    cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2 + lower * side
+    half = side * grow / 2
+    return Detection((cx - half, cy - half, cx + half, cy + half), d.score, d.keypoints)
+
+
+def _landmarked(rgb: Image.Image, pixels: Callable[[], np.ndarray], d, landmarks, dlib) -> Face:
+    """dlib's 5 landmarks for a BlazeFace detection. An upright face is read where it is (``pixels``: the
+    image's array; the landmark model samples a fixed number of pixels, whatever the face's size); a tilted
+    one through an affine warp that turns it upright (by BlazeFace's eyes) and shrinks it to at most
+    LANDMARK_FACE px, its points mapped back."""
+    x0, y0, x1, y1 = d.box
+    side = x1 - x0
+    (rx, ry), (lx, ly) = d.keypoints[RIGHT_EYE], d.keypoints[LEFT_EYE]  # the person's: image-left, image-right
+    roll = math.degrees(math.atan2(ly - ry, lx - rx))
+    if abs(roll) <= UPRIGHT_WITHIN:
+        shape = landmarks(pixels(), dlib.rectangle(round(x0), round(y0), round(x1) - 1, round(y1) - 1))
+        return _with_landmarks(d.box, d.score, [(float(p.x), float(p.y)) for p in shape.parts()])
+    k = min(1.0, LANDMARK_FACE / side)  # canvas px per image px
+    n = max(1, math.ceil(LANDMARK_CANVAS * side * k))  # the canvas, the face at its centre
+    # canvas (u, v) -> image (x, y): about the face's centre, rotated by roll, scaled by 1/k
+    c, s = math.cos(math.radians(roll)) / k, math.sin(math.radians(roll)) / k
+    a, b, e, f = c, -s, s, c
+    tx = (x0 + x1) / 2 - (a + b) * n / 2
+    ty = (y0 + y1) / 2 - (e + f) * n / 2
+    canvas = rgb.transform((n, n), Image.AFFINE, (a, b, tx, e, f, ty), Image.BILINEAR)
+    lo, hi = round(n / 2 - side * k / 2), round(n / 2 + side * k / 2) - 1
+    shape = landmarks(np.asarray(canvas), dlib.rectangle(lo, lo, hi, hi))
+    # pixel indices are continuous coordinates less half a pixel, on both sides of the warp
+    pts = [(a * (p.x + 0.5) + b * (p.y + 0.5) + tx - 0.5, e * (p.x + 0.5) + f * (p.y + 0.5) + ty - 0.5)
+           for p in shape.parts()]
+    return _with_landmarks(d.box, d.score, [(float(x), float(y)) for x, y in pts])
 
 
 _HOG_LOCK = threading.Lock()
@@ -153,7 +282,7 @@ def _hog_detector() -> bytes:
 
 
 def _scaled(face: Face, k: float) -> Face:
-    eye = lambda p: None if p is None else (p[0] * k, p[1] * k)  # noqa: E731
+    eye = lambda p: None if p is None else (p[0] * k, p[1] * k)
     points = None if face.points is None else tuple(eye(p) for p in face.points)
     return Face(tuple(v * k for v in face.box), face.score, eye(face.left_eye), eye(face.right_eye), points)
 

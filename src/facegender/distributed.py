@@ -116,24 +116,23 @@ class _GlobalBatchNorm(torch.autograd.Function):
         g_mean = (counts * means).sum(0) / n
         g_m2 = (m2 + counts * (means - g_mean) ** 2).sum(0)
         running_mean.mul_(1 - momentum).add_(momentum * g_mean.to(running_mean.dtype))
-        running_var.mul_(1 - momentum).add_(momentum * (g_m2 / max(n.item() - 1, 1)).to(running_var.dtype))
+        running_var.mul_(1 - momentum).add_(momentum * (g_m2 / (n - 1).clamp(min=1)).to(running_var.dtype))
         mean, invstd = g_mean.float(), torch.rsqrt(g_m2.float() / n.float() + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count = n.item()
+        ctx.save_for_backward(x, weight, mean, invstd, n.float())  # tensors all: no wait on a GPU here
         scale = invstd * weight.float()
         shift = bias.float() - mean * scale
         return (x32 * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd, n = ctx.saved_tensors
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
         dy32 = dy.float()
         sum_dy, sum_dy_xhat = dy32.sum(dims), (dy32 * xhat).sum(dims)
         both = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(both)
-        mean_dy, mean_dy_xhat = (both / ctx.count).view(2, -1)
+        mean_dy, mean_dy_xhat = (both / n).view(2, -1)
         dx = (dy32 - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (invstd * weight.float()).view(shape)
         return dx.to(x.dtype), sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None, None
 

