@@ -109,8 +109,12 @@ def test_a_tight_chip_is_found_through_the_padded_retry(detectors):
 def test_faceless_images_have_no_face(detectors):
     assert detectors["blazeface"].detect(Image.new("RGB", (300, 200), (128, 128, 128))) == []
     assert detectors["blazeface"].detect(Image.new("L", (50, 50))) == []
-    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     assert detectors["blazeface"].detect(Image.fromarray(noise)) == []
+    for side in (8, 16, 24):  # enlarged to the networks' input, tiny images would turn noise into faces
+        tiny = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        assert detectors["blazeface"].detect(tiny.resize((4 * side, 4 * side), Image.BICUBIC).resize((side, side))) == []
 
 
 def test_anchors_follow_the_input_size():

@@ -52,6 +52,7 @@ SHORT_REACH = 0.25
 # faces down to MIN_FACE px where the image is big enough to hold faces the first pass cannot see;
 FULL_FACE_AT_INPUT = 28
 MIN_FACE = 40  # px, the default; HOG's smallest, in small images
+SMALLEST_FACE = 32  # px: in an image whose shorter side is less, BlazeFace took 5-20% of smoothed noise for faces
 FULL_MAX_SIDE = 640  # its cost grows with the input's area: above this, faces under 1/23 of the side are missed
 # A BlazeFace miss is retried on a copy padded by this share of the longer side: on the UTKFace chips it
 # missed, half the side found more faces than a quarter.
@@ -199,8 +200,10 @@ class FaceDetector:
         neither finds a face in a small image, both look again at a copy padded by BLAZEFACE_RETRY_PAD on
         every side (tight crops leave them no margin) and take what scores MediaPipe's 0.5."""
         short, full = self._networks["short"], self._networks["full"]
-        found = [(d, "short") for d in short.detect(rgb)]
         longer = max(rgb.size)
+        if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
+            return []
+        found = [(d, "short") for d in short.detect(rgb)]
         if longer * SHORT_REACH > self.min_face:
             side = min(FULL_MAX_SIDE, longer, longer * FULL_FACE_AT_INPUT / self.min_face)
             found += [(d, "full") for d in full.detect(rgb, round(side))]
