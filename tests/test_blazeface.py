@@ -161,3 +161,25 @@ def test_the_classifier_takes_either_detector(bundled_classifier):
     (a,), (b,) = hog.predict([image]), blaze.predict([image])
     assert a.faces == b.faces == 1 and a.label == b.label
     assert abs(a.p_male - b.p_male) < 0.1  # the same face, aligned by nearly the same landmarks
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_predict_takes_the_detector_from_the_command_line(detector, tmp_path):
+    import json
+
+    from facegender.cli import main
+
+    photo = tmp_path / "turned.jpg"
+    turned(portraits(1)[0], 20).save(photo)
+    out = tmp_path / "rows.jsonl"
+    assert main(["predict", str(photo), "--detector", detector, "--output", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["faces"] == 1 and row["label"] in ("female", "male")
+
+
+def test_an_unknown_detector_on_the_command_line_is_refused(capsys):
+    from facegender.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "photo.jpg", "--detector", "cnn"])
+    assert e.value.code == 2 and "--detector" in capsys.readouterr().err
