@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegender.images import BadImage, check_image, decode_rgb, load_face, load_faces, open_rgb
+from facegender.images import (BadImage, check_image, decode, decode_rgb, load_face, load_faces, open_image, open_rgb,
+                               open_rgb_reduced)
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -197,3 +198,85 @@ def test_check_image_accepts_good_bytes():
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
     check_image(buf.getvalue(), "ok.jpg")
+
+
+def _noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode == "P":
+        img = Image.frombytes("P", size, rng.integers(0, 64, (h, w), dtype=np.uint8).tobytes())
+        img.putpalette(rng.integers(0, 256, 64 * 3, dtype=np.uint8).tobytes())
+        return img
+    return Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8), mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "P"])
+def test_large_images_are_reduced_strip_by_strip_exactly_as_the_whole_would_be(tmp_path, mode):
+    """Any format, not only JPEG, is reduced while it decodes; the strips add up to the whole image's reduce."""
+    img = _noise(mode, (2900, 2700))
+    data = _save(img, tmp_path / "big.png").read_bytes()
+    full = open_rgb(tmp_path / "big.png")
+    reduced, scale = open_rgb_reduced(tmp_path / "big.png", 1280)
+    assert reduced.size == (1450, 1350) and scale == 2.0
+    assert np.array_equal(np.asarray(reduced), np.asarray(full.reduce(2)))
+    assert decode_rgb(data, "big.png", 1280).size == (1450, 1350)
+
+
+def test_reduced_images_are_turned_upright_after_reducing(tmp_path):
+    stored = np.zeros((1300, 2800, 3), np.uint8)
+    stored[:, 1400:] = 255  # right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to view
+    path = _save(Image.fromarray(stored), tmp_path / "r.png", exif=exif.tobytes())
+    img, scale = open_rgb_reduced(path, 1280)
+    assert img.size == (650, 1400) and scale == 2.0
+    a = np.asarray(img)
+    assert a[:600].mean() < 5 and a[800:].mean() > 250  # the right half turned to the bottom
+
+
+@pytest.mark.parametrize("data, named", [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "EPS"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
+    (b"%PDF-1.7\n", "PDF"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIF"),
+    (lambda: _encoded(Image.new("RGB", (16, 16)), "ICO"), "ICO"),
+    (lambda: _encoded(Image.new("RGB", (16, 16)), "PPM"), "PPM"),
+])
+def test_formats_off_the_allow_list_are_named_and_never_decoded(data, named):
+    data = data() if callable(data) else data
+    with pytest.raises(BadImage) as e:
+        decode_rgb(data, "upload")
+    assert e.value.reason == "not a supported image" and e.value.detail.startswith(f"{named}; send JPEG, PNG")
+    with pytest.raises(BadImage, match="not an image"):
+        decode_rgb(b"<html><body>hello</body></html>", "page")
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_the_decoding_cost_is_known_from_the_header_and_bounds_what_decoding_makes(tmp_path):
+    jpeg = _encoded(_noise("RGB", (3000, 2000)), "JPEG")
+    opened = open_image(jpeg, "a.jpg", 1280)
+    assert opened.size == (3000, 2000) and opened.image.size == (1500, 1000)  # libjpeg's 1/2 scale
+    assert opened.cost == 1500 * 1000 * 4  # decoded as RGB and handed on as it is
+    rgb, scale = decode(opened)
+    assert rgb.size == (1500, 1000) and scale == 2.0
+    grey16 = _encoded(_noise("I;16", (3000, 2000)), "PNG")
+    opened = open_image(grey16, "g.png", 1280)
+    assert opened.cost >= 3000 * 2000 * 2 + 1500 * 1000 * 4  # its 16-bit pixels, then the reduced RGB
+    with pytest.raises(BadImage, match=r"3000 x 2000 = 6.0 M pixels, more than the 5 M allowed \(--max-pixels\)"):
+        open_image(grey16, "g.png", pixels=5_000_000)
+    asked = []
+
+    def over_budget(cost: int) -> None:  # a server's memory budget, full
+        asked.append(cost)
+        raise RuntimeError("over budget")
+
+    with pytest.raises(RuntimeError, match="over budget"):
+        open_image(grey16, "g.png", afford=over_budget)
+    assert asked == [open_image(grey16, "g.png").cost]

@@ -663,8 +663,9 @@ class Protocol(H11Protocol):
             self._stop_waiting()  # a new request's head arrived
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        answered = self.cycle
+        super().on_response_complete()  # may start a pipelined request at once
+        if not self.transport.is_closing() and self.cycle is answered:
             self._await_head()
 
     def send_400_response(self, msg: str) -> None:
@@ -686,7 +687,7 @@ class Protocol(H11Protocol):
 
     def _head_late(self) -> None:
         self.head_timer = None
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and self.cycle is self.waiting_since:
             self._refuse(408, f"request head not complete within {HEAD_TIMEOUT:g} s")
 
     def _refuse(self, status: int, message: str, headers: list[tuple[str, str]] = ()) -> None:
