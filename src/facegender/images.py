@@ -294,6 +294,9 @@ def _range(image: Image.Image) -> tuple[float, float]:
 
 
 def _strip_rgb(strip: Image.Image, lo: float, hi: float, transparent: bool) -> Image.Image:
+    if strip.mode.startswith("I;16"):  # x * 255 / 65535 is x / 257, never halfway: whole numbers round exactly
+        grey = ((np.asarray(strip).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if strip.mode in _WIDE:
         a = np.nan_to_num(np.asarray(strip, dtype=np.float64), nan=lo, posinf=hi, neginf=lo)
         grey = (np.zeros(a.shape, np.uint8) if hi <= lo else
