@@ -1,8 +1,9 @@
 """Where the time of ``facegender predict DIR`` goes, stage by stage, on one thread.
 
 The same photos as benchmarks/photo_throughput.py (250 px single-face and 640x480 three-face), each stage
-timed alone: decoding, dlib's HOG search (on the RGB image, as shipped, and on its greyscale version, with
-the faces each finds), the 5 landmarks and the chip per face, and the default model per face at batch 64
+timed alone: decoding, dlib's HOG search (on the RGB image and on its greyscale version, with the faces each
+finds), the default BlazeFace detector whole (its networks' passes and the 5 landmarks of every face it
+finds: ``FaceDetector("blazeface").detect``), the 5 landmarks and the chip per face (on HOG's faces), and the default model per face at batch 64
 (CPU time over its threads). Also what a detecting thread's first image costs: building dlib's HOG detector
 against unpickling a copy of one. Usage:
     python benchmarks/photo_stages.py [--photos 200] [--composites 40]
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import dlib
 import numpy as np
-
 from common import SHARED
-from facegender.detect import LANDMARK_MODEL, packaged_model
+from photo_throughput import multi_face_photos, single_face_photos
+
+from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.images import open_rgb_reduced
 from facegender.inference import Classifier
-from photo_throughput import multi_face_photos, single_face_photos
 
 
 def timed(fn, items) -> tuple[float, list]:
@@ -62,6 +63,9 @@ def main() -> None:
             grey = [np.asarray(im.convert("L")) for im in decoded]
             hog_ms, found = timed(lambda a: hog.run(a, 0, 0.0)[0], rgb)
             grey_ms, grey_found = timed(lambda a: hog.run(a, 0, 0.0)[0], grey)
+            blazeface = FaceDetector("blazeface")
+            blazeface.detect(decoded[0])  # loads the networks
+            blaze_ms, blaze_found = timed(blazeface.detect, decoded)
             faces = [(a, r) for a, rects in zip(rgb, found) for r in rects]
             lm_ms, shapes = timed(lambda job: landmarks(*job), faces)
             chip_ms, chips = timed(lambda job: dlib.get_face_chip(job[0][0], job[1], size=150, padding=0.25),
@@ -75,7 +79,8 @@ def main() -> None:
             print(f"{name}: {len(files)} photos, {len(faces)} faces")
             print(f"  decode {decode_ms:.1f} ms/photo; HOG search {hog_ms:.1f} ms/photo "
                   f"({sum(map(len, found))} faces), greyscale {grey_ms:.1f} ms/photo ({sum(map(len, grey_found))} faces, "
-                  f"{grey_ms / hog_ms:.2f}x the time)")
+                  f"{grey_ms / hog_ms:.2f}x the time); BlazeFace with landmarks {blaze_ms:.1f} ms/photo "
+                  f"({sum(map(len, blaze_found))} faces)")
             print(f"  landmarks {lm_ms:.2f} ms/face; chip {chip_ms:.2f} ms/face; model {model_ms:.1f} ms of CPU per face "
                   f"at batch 64")
 

@@ -119,10 +119,11 @@ def letterbox(image: Image.Image, side: int) -> tuple[np.ndarray, float]:
     k = side / max(w, h)
     size = (max(1, round(w * k)), max(1, round(h * k)))
     small = image if size == image.size else image.resize(size, Image.BILINEAR, reducing_gap=3.0)
-    pixels = np.asarray(small, dtype=np.float32)
     height, width = (-(-n // MULTIPLE) * MULTIPLE for n in (size[1], size[0]))
-    tensor = np.full((1, 3, height, width), -1.0, np.float32)
-    tensor[0, :, :size[1], :size[0]] = pixels.transpose(2, 0, 1) * (1 / 127.5) - 1.0
+    tensor = np.zeros((1, 3, height, width), np.float32)
+    tensor[0, :, :size[1], :size[0]] = np.asarray(small).transpose(2, 0, 1)
+    tensor *= 1 / 127.5  # in place, padding included: black is -1
+    tensor -= 1.0
     return tensor, k
 
 

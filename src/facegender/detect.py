@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .blazeface import LEFT_EYE, MIN_SCORE, RIGHT_EYE, BlazeFace, Detection, merge
+from .blazeface import (
+    LEFT_EYE,
+    MIN_SCORE,
+    MULTIPLE,
+    RIGHT_EYE,
+    BlazeFace,
+    Detection,
+    merge,
+)
 from .io import UserError
 
 INSTALL_HINT = "pip install 'dlib-bin>=20.0.1,<21'"
@@ -196,7 +204,8 @@ class FaceDetector:
 
     def _blazeface(self, models: tuple, rgb: Image.Image) -> list[Face]:
         """The short-range network on the whole image and, where the image is big enough to hold faces
-        smaller than that one sees, the full-range network at the input size that reaches ``min_face``. Where
+        smaller than that one sees, the full-range network at the input size that reaches ``min_face`` (in an
+        image under UPSAMPLE_BELOW px, only where the first pass found nothing). Where
         neither finds a face in a small image, both look again at a copy padded by BLAZEFACE_RETRY_PAD on
         every side (tight crops leave them no margin) and take what scores MediaPipe's 0.5."""
         short, full = self._networks["short"], self._networks["full"]
@@ -204,10 +213,13 @@ class FaceDetector:
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
         found = [(d, "short") for d in short.detect(rgb)]
-        if longer * SHORT_REACH > self.min_face:
+        small = longer < UPSAMPLE_BELOW
+        # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
+        if longer * SHORT_REACH > self.min_face and not (small and found):
             side = min(FULL_MAX_SIDE, longer, longer * FULL_FACE_AT_INPUT / self.min_face)
+            side = max(MULTIPLE, side // MULTIPLE * MULTIPLE)  # a whole input: padding it would cost as much
             found += [(d, "full") for d in full.detect(rgb, round(side))]
-        if not found and longer < UPSAMPLE_BELOW:  # a tight crop; a big photo has margins
+        if not found and small:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
             padded = Image.fromarray(np.pad(np.asarray(rgb), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
             score = MIN_SCORE if self.min_score is None else self.min_score
