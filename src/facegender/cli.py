@@ -289,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a dataset split")
-    p.add_argument("checkpoint", help="run directory or .safetensors file")
+    p.add_argument("checkpoint",
+                   help="run directory, .safetensors or .onnx file, or a bundled model's name (descriptor, resnet18)")
     p.add_argument("data", nargs="+", help="dataset(s): prepared folder, manifest.csv or split folders")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", help="report folder (default: CHECKPOINT_DIR/eval_SPLIT)")
+    p.add_argument("--out",
+                   help="report folder (default: CHECKPOINT_DIR/eval_SPLIT; runs/eval-NAME-SPLIT for a bundled model)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     _max_pixels_option(p)
