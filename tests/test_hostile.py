@@ -46,6 +46,13 @@ def png(width: int, height: int, depth: int = 8, colour: int = 0, rows: int | No
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
+def png_with_text(chunks: int) -> bytes:
+    """A 16 x 16 PNG carrying ``chunks`` compressed text chunks of 1 MB each: a 200 KB file."""
+    text = b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % i + zlib.compress(b"a" * 1_000_000)) for i in range(chunks))
+    image = png(16, 16)
+    return image[:33] + text + image[33:]  # after the signature and IHDR
+
+
 def tiff(width: int, height: int, data: bytes) -> bytes:
     """An uncompressed 8-bit greyscale TIFF whose header says ``width`` x ``height``, whatever ``data`` holds."""
     entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
@@ -100,6 +107,7 @@ HOSTILE = {
     "lying.png": (lambda: png(4000, 4000, colour=2, rows=3), 400, "truncated"),
     "lying.tif": (lambda: tiff(3000, 3000, b"\x00" * 100), 400, "truncated"),
     "cut.png": (lambda: ASTRONAUT.read_bytes()[:30000], 400, "truncated"),
+    "text.png": (lambda: png_with_text(200), 400, "corrupt (ValueError: Too much memory used in text chunks"),
     "drawing.eps": (lambda: EPS, 415, "not a supported image (EPS"),
     "drawing.svg": (lambda: SVG, 415, "not a supported image (SVG"),
     "notes.png": (lambda: b"just some text\n" * 100, 415, "not an image"),

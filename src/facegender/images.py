@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import IMAGE_SIZE
 from .io import UserError
@@ -87,6 +87,12 @@ def map_large_buffers(threshold: int = 1 << 20) -> None:
     mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic threshold off
 
 
+def limit_png_text(total: int = 4 << 20) -> None:
+    """Refuse a PNG whose text chunks (metadata, compressed) unpack to more than ``total`` bytes: Pillow's
+    own limit, 64 MiB, lets a 200 KB file take 64 MiB while its header is read. Process-wide."""
+    PngImagePlugin.MAX_TEXT_MEMORY = total
+
+
 @contextlib.contextmanager
 def _decoding(name) -> Iterator[None]:
     """Translate Pillow's many failure types into one BadImage that says what is wrong with ``name``."""
@@ -140,7 +146,7 @@ def open_image(source: str | os.PathLike | bytes, name, min_side: int | None = N
         if webp:  # checked before Pillow opens it: libwebp takes its memory then, not when it decodes
             _check_pixels(webp, name, pixels)
             if afford:
-                afford(webp[0] * webp[1] * (4 + _WEBP_BYTES) + _STRIP_BYTES)
+                afford(_cost(webp, 4 + _WEBP_BYTES, min_side, as_is=False))
         try:
             image = Image.open(fp, formats=FORMATS)
         except UnidentifiedImageError:
@@ -184,14 +190,18 @@ def _checked(image: Image.Image, name, min_side: int | None, budget: int) -> Ope
 def decoding_cost(image: Image.Image, min_side: int | None) -> int:
     """Bytes that decoding ``image`` (header read, draft applied) holds at its peak: its pixels as Pillow
     stores them, the RGB image handed on, and the strips between the two."""
-    width, height = image.size
-    stored = width * height * _STORED_BYTES.get(image.mode, 4)
-    if image.format == "WEBP":
-        stored += width * height * _WEBP_BYTES
-    k = _reduction(image.size, min_side)
-    if k == 1 and image.mode == "RGB":
-        return stored  # handed on as decoded
-    return stored + 4 * math.ceil(width / k) * math.ceil(height / k) + _STRIP_BYTES
+    stored = _STORED_BYTES.get(image.mode, 4) + (_WEBP_BYTES if image.format == "WEBP" else 0)
+    return _cost(image.size, stored, min_side, as_is=image.mode == "RGB")
+
+
+def _cost(size: tuple[int, int], stored: int, min_side: int | None, as_is: bool) -> int:
+    """``decoding_cost`` of an image of ``size`` whose decoding holds ``stored`` bytes a pixel; ``as_is``: RGB
+    already, handed on as decoded unless it is reduced."""
+    width, height = size
+    k = _reduction(size, min_side)
+    if k == 1 and as_is:
+        return width * height * stored
+    return width * height * stored + 4 * math.ceil(width / k) * math.ceil(height / k) + _STRIP_BYTES
 
 
 def _reduction(size: tuple[int, int], min_side: int | None) -> int:

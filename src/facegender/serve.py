@@ -40,7 +40,7 @@ from swagger_ui_bundle import swagger_ui_path
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .detect import DEFAULT_DETECTOR, MAX_SIDE
-from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, map_large_buffers, open_image
+from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, limit_png_text, map_large_buffers, open_image
 from . import checkpoint as checkpoint_files
 from .facemodels import kind_of
 from .inference import Classifier, Prediction, model_path, resolve_backend
@@ -220,6 +220,7 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
     """
     check_limits(max_upload_mb, max_pixels, max_memory_mb, body_timeout)
     map_large_buffers()  # so that a large upload's or image's memory leaves the process with it
+    limit_png_text()  # read with the header, before the budget knows what the image costs
     max_bytes = int(max_upload_mb * 1024 * 1024)
     budget = MemoryBudget(int(max_memory_mb * 1024 * 1024))
     batcher = MicroBatcher(classifier, max_batch, max_wait_ms, micro_batching)
@@ -513,7 +514,7 @@ def _multipart(body: bytearray, boundary: bytes) -> list[tuple[str, str, bytes]]
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end})
     try:
-        parser.write(bytes(body))
+        parser.write(body)
         parser.finalize()
     except ApiError:
         raise
