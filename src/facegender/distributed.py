@@ -13,8 +13,8 @@ Batch norm is synchronised: in training, every batch-norm layer normalises with 
 the whole global batch, gathered from all ranks, and its backward pass sums its gradient terms over all
 ranks too (``SyncBatchNorm2d``). So N processes of B/N images compute what one process computes on B, and
 the running statistics are the same on every rank. What still differs from one process: dropout draws its
-masks per rank, the last batch of an epoch is cut to a multiple of N images, and sums are added in another
-order (float rounding).
+masks from a stream per rank (the same distribution, other numbers), the last batch of an epoch is cut to a
+multiple of N images, and sums are added in another order (float rounding).
 
 When anything fails (a rank dies, a collective breaks, torchrun or the user sends SIGTERM or SIGINT), each
 rank ends with one line on stderr that says what happened, where the last checkpoint is and the command
@@ -192,6 +192,12 @@ class Comm:
             total = sum(len(p) for p in per_rank)
             merged.append([per_rank[k % self.world_size][k // self.world_size] for k in range(total)])
         return tuple(merged)
+
+    def seed_dropout(self, seed: int, epoch: int) -> None:
+        """This rank's own dropout masks for the epoch. The ranks share one seed, and with one stream they
+        would drop the same units for the k-th image of every rank's share; seeded from (seed, epoch, rank),
+        a resumed run draws what an uninterrupted one does."""
+        torch.manual_seed(hash((seed, epoch, self.rank)))
 
     @contextlib.contextmanager
     def node_first(self):

@@ -262,6 +262,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, s
 
 def train_one_epoch(run: Run, batches: Batches, loss_fn: nn.Module) -> dict:
     run.model.train()
+    if run.comm:
+        run.comm.seed_dropout(run.config.seed, run.epoch)
     scaler = grad_scaler(run.device, run.precision)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
