@@ -197,7 +197,6 @@ def test_the_classifier_answers_each_hostile_file_and_never_runs_ghostscript(cor
 
 @pytest.mark.needs_eval
 def test_evaluate_skips_hostile_files_and_names_why(corpus, tmp_path):
-    pytest.importorskip("dlib")
     data = tmp_path / "data"
     for label in ("female", "male"):
         (data / "test" / label).mkdir(parents=True)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .detect import DEFAULT_DETECTOR
 from .inference import Prediction, expand_inputs
 from .io import UserError, atomic_path
 
@@ -42,7 +43,8 @@ def prediction_row(pred: Prediction) -> dict:
 class Labeler:
     """A Ray Data actor: one model, loaded once, labelling batch after batch of files' bytes."""
 
-    def __init__(self, checkpoint: str | None, device: str, detect: bool, min_confidence: float, threads: int):
+    def __init__(self, checkpoint: str | None, device: str, detect: bool, min_confidence: float, threads: int,
+                 detector: str = DEFAULT_DETECTOR):
         from .inference import Classifier, resolve_backend
 
         threads = max(1, threads)
@@ -50,7 +52,7 @@ class Labeler:
             import torch
 
             torch.set_num_threads(threads)
-        self.clf = Classifier.from_checkpoint(checkpoint, device=device, detect=detect,
+        self.clf = Classifier.from_checkpoint(checkpoint, device=device, detect=detect, detector=detector,
                                               min_confidence=min_confidence, threads=threads)
 
     def __call__(self, batch):
@@ -130,7 +132,8 @@ def _start_ray(address: str):
 
 def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, address: str, *,
                 device: str = "auto", detect: bool = True, min_confidence: float = 0.0, batch_size: int = 64,
-                workers: int | None = None, rows_per_shard: int = ROWS_PER_SHARD, log=print) -> dict:
+                workers: int | None = None, rows_per_shard: int = ROWS_PER_SHARD, detector: str = DEFAULT_DETECTOR,
+                log=print) -> dict:
     """Label ``inputs`` (files and folders) on Ray; returns counts: images, skipped (done before), rows, errors."""
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -163,7 +166,9 @@ def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, a
     if readable:
         labelled = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0.25).map_batches(
             Labeler, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
+            # a path made absolute for actors elsewhere; a bundled model's name stays a name
+            fn_constructor_kwargs={"checkpoint": (os.path.abspath(checkpoint) if checkpoint and os.path.exists(checkpoint)
+                                                  else checkpoint), "detector": detector,
                                    "device": device, "detect": detect, "min_confidence": min_confidence,
                                    "threads": int(per_actor.get("num_cpus", 1))},
             **per_actor)

@@ -195,7 +195,8 @@ def _predict_ray(args, model, inputs) -> int:
     if args.annotate:
         raise UserError("predict --ray: --annotate is not available on Ray; run predict without --ray for it")
     stats = predict_ray(model, inputs, args.output, args.ray, device=args.device, detect=not args.no_detect,
-                        min_confidence=args.min_confidence, batch_size=args.batch_size, workers=args.ray_workers)
+                        min_confidence=args.min_confidence, batch_size=args.batch_size, workers=args.ray_workers,
+                        detector=args.detector)
     return 1 if stats["errors"] else 0
 
 
