@@ -163,14 +163,13 @@ def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, a
     per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 0.75 * cpus / workers}
     log(f"ray: {workers} labelling actor(s) on {cpus} CPU(s), {gpus} GPU(s)")
     tables = [pa.Table.from_pylist([prediction_row(p) for p in unreadable], schema=_schema())]
+    # a path made absolute for actors elsewhere; a bundled model's name stays a name
+    model = os.path.abspath(checkpoint) if checkpoint and os.path.exists(checkpoint) else checkpoint
     if readable:
         labelled = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0.25).map_batches(
             Labeler, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            # a path made absolute for actors elsewhere; a bundled model's name stays a name
-            fn_constructor_kwargs={"checkpoint": (os.path.abspath(checkpoint) if checkpoint and os.path.exists(checkpoint)
-                                                  else checkpoint), "detector": detector,
-                                   "device": device, "detect": detect, "min_confidence": min_confidence,
-                                   "threads": int(per_actor.get("num_cpus", 1))},
+            fn_constructor_kwargs={"checkpoint": model, "detector": detector, "device": device, "detect": detect,
+                                   "min_confidence": min_confidence, "threads": int(per_actor.get("num_cpus", 1))},
             **per_actor)
         tables = _chain(tables, labelled.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"))
     pending = []
