@@ -11,7 +11,7 @@ import torch
 from . import checkpoint
 from .data import load_samples_many
 from .chips import chip
-from .facemodels import GraphDescriptorModel, ResNetModel, kind_of
+from .facemodels import graph_model, kind_of
 from .images import BadImage, open_rgb
 from .inference import Classifier, model_path
 from .io import UserError, atomic_path
@@ -109,7 +109,9 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
     if check:
         samples = load_samples_many(check, "test")
         full, labels, _ = clf.model.dataset_logits(samples)
-        clf.model = onnx_face_model(data, meta)
+        graph = (DescriptorGraph(session(data), "export-check") if kind_of(meta) == "descriptor"
+                 else ResNetGraph(session(data)))
+        clf.model = graph_model(graph, meta)
         logits, _, _ = clf.model.dataset_logits(samples)
         full, got = clf.probabilities(full), clf.probabilities(logits)
         diff = np.abs(got - full)
@@ -135,13 +137,6 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
     log(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB, {report['dtype']} ONNX of a {kind_of(meta)} model, "
         f"opset {OPSET})")
     return report
-
-
-def onnx_face_model(data: bytes, meta: dict):
-    """The core's model of a graph that ``to_onnx`` made, as ``Classifier.from_checkpoint`` runs an .onnx file."""
-    if kind_of(meta) == "descriptor":
-        return GraphDescriptorModel(DescriptorGraph(session(data), "export-check"))
-    return ResNetModel(ResNetGraph(session(data)), meta)
 
 
 def calibration_chips(samples, count: int = CALIBRATION_FACES) -> np.ndarray:

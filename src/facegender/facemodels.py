@@ -125,7 +125,7 @@ class DescriptorModel:
     kind = "descriptor"
 
     def __init__(self, head, extractor=None, device: str = "auto"):
-        self.head = head.eval() if hasattr(head, "eval") else head
+        self.head = head  # numpy's Head, or training's DescriptorHead (whose logits run in eval mode)
         self._extractor, self.device = extractor, device
 
     @property
@@ -212,6 +212,12 @@ def combined(meta: dict, resnet=None, descriptor=None):
         return descriptor
     ensemble = meta["ensemble"]
     return EnsembleModel(resnet, descriptor, ensemble["weights"], ensemble["bias"])
+
+
+def graph_model(graph, meta: dict):
+    """The model of an exported graph (``onnx_model.load``): a ResNet18, or a descriptor model whose head is in
+    the graph."""
+    return GraphDescriptorModel(graph) if kind_of(meta) == "descriptor" else ResNetModel(graph, meta)
 
 
 def build_face_model(tensors: dict, meta: dict, resnet_network: Callable | None = None, extractor=None):

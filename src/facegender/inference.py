@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint, onnx_model
 from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector, detect_faces
-from .facemodels import GraphDescriptorModel, apply_temperature, build_face_model, kind_of
+from .facemodels import apply_temperature, build_face_model, graph_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
 
@@ -80,9 +80,7 @@ class Classifier:
             if backend != "onnxruntime":
                 raise UserError(f"{path}: an ONNX file runs with the onnxruntime backend (--backend onnxruntime)")
             graph, meta = onnx_model.load(path, threads)
-            model = (GraphDescriptorModel(graph) if kind_of(meta) == "descriptor" and graph.has_head
-                     else build_face_model({}, meta, graph, graph))
-            return cls(model, meta, **options)
+            return cls(graph_model(graph, meta), meta, **options)
         file = model_path(path)
         if backend == "torch":
             return cls(*_torch_model(file, device, precision), **options)

@@ -90,7 +90,6 @@ class DescriptorGraph:
     def __init__(self, sess, key: str):
         self.session = sess
         self.name = f"onnx-{key}"
-        self.has_head = "logit" in {o.name for o in sess.get_outputs()}
 
     def _run(self, output: str, chips: np.ndarray, width: int) -> np.ndarray:
         chips = np.ascontiguousarray(chips, dtype=np.uint8)
