@@ -72,6 +72,7 @@ DETECTORS = {
     "hog": facegender("hog"),
     "blazeface": facegender("blazeface"),
     "blazeface min_face 32": facegender("blazeface", min_face=32),
+    "blazeface min_face 48": facegender("blazeface", min_face=48),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }

@@ -12,7 +12,7 @@ from PIL import Image
 
 from facegender import blazeface
 from facegender.blazeface import BlazeFace, anchors, letterbox
-from facegender.detect import DEFAULT_DETECTOR, DETECTORS, FaceDetector
+from facegender.detect import DEFAULT_DETECTOR, DETECTORS, FACE_AT_INPUT, MAX_SIDE, PASS_RATIO, FaceDetector
 from facegender.io import UserError
 
 
@@ -96,6 +96,39 @@ def test_a_group_of_small_and_large_faces_is_found_where_it_was_pasted(detectors
     assert len(detectors["hog"].detect(canvas)) < len(places)  # HOG's 80 px window misses the small ones
 
 
+def small_faces(n: int, side: int) -> tuple[Image.Image, list[tuple[int, int]]]:
+    """A 640x480 canvas with ``n`` portraits pasted at ``side`` px in a row, and where each went."""
+    canvas = Image.new("RGB", (640, 480), (110, 120, 100))
+    places = [(40 + i * 150, 200) for i in range(n)]
+    for face, place in zip(portraits(n), places):
+        canvas.paste(face.resize((side, side), Image.BICUBIC), place)
+    return canvas, places
+
+
+def test_small_faces_are_found_by_the_larger_pass_that_min_face_asks_for():
+    canvas, places = small_faces(4, 48)
+    default, one_pass = FaceDetector(), FaceDetector(min_face=200)
+    assert default.passes(640) == [128, 384] and one_pass.passes(640) == [128]
+    found = default.detect(canvas)
+    assert len(found) == len(places)
+    for (x, y), face in zip(sorted(places), sorted(found, key=lambda f: f.box[0])):
+        assert x < (face.box[0] + face.box[2]) / 2 < x + 48 and y < (face.box[1] + face.box[3]) / 2 < y + 48
+    assert one_pass.detect(canvas) == []  # 48 px in 640 is 10 px at 128: below what one pass sees
+
+
+@pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100])
+def test_passes_grow_in_bounded_steps_to_the_input_that_shows_min_face(min_face):
+    for longer in (200, 399, 640, 800, 1280, 4000):
+        sides = FaceDetector(min_face=min_face).passes(longer)
+        assert sides[0] == 128 and sides == sorted(set(sides)) and all(s % 32 == 0 for s in sides)
+        assert all(b / a <= PASS_RATIO + 0.3 for a, b in zip(sides, sides[1:]))  # rounding to 32 px
+        assert sides[-1] <= max(128, longer)
+        shown = min_face * sides[-1] / min(longer, MAX_SIDE)  # the smallest face sought, px at the last input
+        step = 32 * min_face / min(longer, MAX_SIDE)  # what one 32 px step of the input changes it by
+        capped = sides[-1] == longer // 32 * 32  # the whole image, unenlarged: it cannot show more
+        assert len(sides) == 1 or shown <= FACE_AT_INPUT and (shown >= FACE_AT_INPUT - step or capped)
+
+
 def test_a_tight_chip_is_found_through_the_padded_retry(detectors):
     chips = sorted(shared("utkface").glob("*.jpg"))[::1500][:8]
     for path in chips:
@@ -135,7 +168,7 @@ def test_an_unknown_detector_is_a_user_error():
         FaceDetector("cnn")
     with pytest.raises(UserError, match="short, full"):
         BlazeFace("medium")
-    with pytest.raises(UserError, match="min_face"):
+    with pytest.raises(UserError, match="--min-face 0"):
         FaceDetector(min_face=0)
 
 
@@ -175,6 +208,23 @@ def test_predict_takes_the_detector_from_the_command_line(detector, tmp_path):
     assert main(["predict", str(photo), "--detector", detector, "--output", str(out)]) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["faces"] == 1 and row["label"] in ("female", "male")
+
+
+def test_min_face_on_the_command_line_reaches_the_detector(tmp_path, capsys):
+    import json
+
+    from facegender.cli import main
+
+    canvas, places = small_faces(3, 48)
+    photo, out = tmp_path / "small.png", tmp_path / "rows.jsonl"
+    canvas.save(photo)
+    faces = {}
+    for min_face in ("40", "200"):
+        assert main(["predict", str(photo), "--min-face", min_face, "--output", str(out)]) == 0
+        faces[min_face] = json.loads(out.read_text().splitlines()[0])["faces"]
+    assert faces == {"40": len(places), "200": 0}
+    assert main(["predict", str(photo), "--min-face", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--min-face 0.0: must be above 0 (px)")
 
 
 def test_an_unknown_detector_on_the_command_line_is_refused(capsys):

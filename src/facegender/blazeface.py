@@ -175,10 +175,10 @@ def weighted_nms(boxes: np.ndarray, points: np.ndarray, scores: np.ndarray, thre
 
 
 def merge(found: list[list[Detection]], threshold: float = NMS_IOU) -> list[Detection]:
-    """Detections of several passes over one image as one list: where passes overlap, the best one stays."""
-    every = sorted((d for ds in found for d in ds), key=lambda d: -d.score)
+    """Detections of several passes over one image as one list: where passes overlap, the earlier pass's
+    detection stays (give the pass that sees a face at the size its network was trained for first)."""
     kept: list[Detection] = []
-    for d in every:
+    for d in (d for ds in found for d in ds):
         if not kept or iou(np.array(d.box), np.array([k.box for k in kept])).max() <= threshold:
             kept.append(d)
     return kept

@@ -29,6 +29,7 @@ from .blazeface import (
     LEFT_EYE,
     MIN_SCORE,
     MULTIPLE,
+    NETWORKS,
     RIGHT_EYE,
     BlazeFace,
     Detection,
@@ -53,15 +54,19 @@ MAX_SIDE = 1280
 # Tight chips (UTKFace) leave the detector no margin: a miss is retried on the image padded by this much.
 RETRY_PAD = 0.25
 
-# BlazeFace passes (benchmarks/detectors.py measured the reach of each network):
-# the short-range network at 128 px finds faces of a quarter of the image's longer side and more,
-SHORT_REACH = 0.25
-# the full-range one faces of about 28 px at its input and more, so a second pass at a larger input finds
-# faces down to MIN_FACE px where the image is big enough to hold faces the first pass cannot see;
+# BlazeFace passes. The short-range network, trained on faces that fill much of a 128 px input, is fully
+# convolutional: run on a larger input it finds small faces as it finds big ones at 128 px. On faces pasted
+# into 640x480 photos (benchmarks/detectors.py) it found 90% of faces of 19-28 px at its input and 99% of
+# 24-32 px; the full-range network at the same input found 31% and 80% of them, at 1.5-2x the cost.
+FACE_AT_INPUT = 24  # px at the network's input: the smallest face it finds reliably
+# Faces much larger than its 128 px training input it misses (at a 384 px input it found 98% of faces of
+# 70-115 px and 52% of 170-270 px), so the passes' inputs grow by at most this factor, one to the next:
+PASS_RATIO = 3.5
+# In a small image where the short-range network finds nothing, the full-range one looks at an input that
+# shows a ``min_face`` face at this many px (its smallest; a larger input missed tight UTKFace chips).
 FULL_FACE_AT_INPUT = 28
-MIN_FACE = 40  # px, the default; HOG's smallest, in small images
+MIN_FACE = 40  # px, the default smallest face sought; HOG's smallest, in small images
 SMALLEST_FACE = 32  # px: in an image whose shorter side is less, BlazeFace took 5-20% of smoothed noise for faces
-FULL_MAX_SIDE = 640  # its cost grows with the input's area: above this, faces under 1/23 of the side are missed
 # A BlazeFace miss is retried on a copy padded by this share of the longer side: on the UTKFace chips it
 # missed, half the side found more faces than a quarter.
 BLAZEFACE_RETRY_PAD = 0.5
@@ -142,7 +147,7 @@ class FaceDetector:
         # BlazeFace only: the smallest face sought, px. Smaller costs more: the second pass's input grows
         # with 1/min_face (up to FULL_MAX_SIDE)
         if min_face <= 0:
-            raise UserError(f"min_face {min_face}: must be above 0 (px)")
+            raise UserError(f"--min-face {min_face}: must be above 0 (px)")
         self.min_face = min_face
         self._idle: list = []  # loaded (detector, landmarks, dlib) sets that no thread is using now
         self._lock = threading.Lock()
@@ -203,32 +208,53 @@ class FaceDetector:
         return faces
 
     def _blazeface(self, models: tuple, rgb: Image.Image) -> list[Face]:
-        """The short-range network on the whole image and, where the image is big enough to hold faces
-        smaller than that one sees, the full-range network at the input size that reaches ``min_face`` (in an
-        image under UPSAMPLE_BELOW px, only where the first pass found nothing). Where
-        neither finds a face in a small image, both look again at a copy padded by BLAZEFACE_RETRY_PAD on
-        every side (tight crops leave them no margin) and take what scores MediaPipe's 0.5."""
-        short, full = self._networks["short"], self._networks["full"]
+        """The short-range network at its own 128 px (faces of a fifth of the image and more) and, where
+        the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
+        ``min_face`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
+        where the first pass found nothing). Every pass reads one resized copy. Where none finds a face in
+        a small image, the full-range network looks at it, then both networks at a copy padded by
+        BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
+        MediaPipe's 0.5."""
+        short = self._networks["short"]
         longer = max(rgb.size)
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
-        found = [(d, "short") for d in short.detect(rgb)]
         small = longer < UPSAMPLE_BELOW
+        sides = self.passes(longer)
+        base, k = rgb, 1.0  # the copy every pass reads, and its scale
+        if len(sides) > 1 and not small:
+            k = sides[-1] / longer
+            base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BILINEAR)
+        found = [[(_scaled_detection(d, k), "short") for d in short.detect(base)]]
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
-        if longer * SHORT_REACH > self.min_face and not (small and found):
-            side = min(FULL_MAX_SIDE, longer, longer * FULL_FACE_AT_INPUT / self.min_face)
-            side = max(MULTIPLE, side // MULTIPLE * MULTIPLE)  # a whole input: padding it would cost as much
-            found += [(d, "full") for d in full.detect(rgb, round(side))]
-        if not found and small:  # a tight crop; a big photo has margins
+        if not (small and found[0]):
+            found += [[(_scaled_detection(d, k), "short") for d in short.detect(base, side)] for side in sides[1:]]
+        if not any(found) and small:  # the full-range network sees some faces the short-range one misses
+            side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / self.min_face) // MULTIPLE * MULTIPLE)
+            found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
+        if not any(found) and small:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
             padded = Image.fromarray(np.pad(np.asarray(rgb), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
             score = MIN_SCORE if self.min_score is None else self.min_score
-            found = [(_shifted(d, pad), network) for network in ("short", "full")
-                     for d in self._networks[network].detect(padded, min_score=score)]
-        as_hog = [_hog_like(d, network) for d, network in found]
+            found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
+                             for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
+        as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         _, landmarks, dlib = models
         pixels = functools.cache(lambda: np.asarray(rgb))  # made once, where an upright face needs it
-        return [_landmarked(rgb, pixels, d, landmarks, dlib) for d in merge([as_hog])]
+        return [_landmarked(rgb, pixels, d, landmarks, dlib) for d in merge(as_hog)]
+
+    def passes(self, longer: int) -> list[int]:
+        """The inputs (longer side, px) of the short-range network's passes over an image whose longer side
+        is ``longer``: 128, then up to the one that shows a ``min_face`` face at FACE_AT_INPUT px (never
+        larger than the image, nor than MAX_SIDE shows it: in a bigger image the smallest face sought grows
+        with it), in steps of at most PASS_RATIO, multiples of 32."""
+        first = NETWORKS["short"].side
+        last = min(longer, min(longer, MAX_SIDE) * FACE_AT_INPUT / self.min_face) // MULTIPLE * MULTIPLE
+        if last <= first:
+            return [first]
+        steps = math.ceil(math.log(last / first) / math.log(PASS_RATIO))
+        inner = [round(first * (last / first) ** (i / steps) / MULTIPLE) * MULTIPLE for i in range(1, steps)]
+        return [first, *inner, int(last)]
 
 
 def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
@@ -236,6 +262,13 @@ def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
     right = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
     left = ((pts[2][0] + pts[3][0]) / 2, (pts[2][1] + pts[3][1]) / 2)
     return Face(tuple(float(v) for v in box), score, left, right, tuple(pts))
+
+
+def _scaled_detection(d, k: float):
+    """A BlazeFace detection in a copy of the image resized by ``k``, in the image's own pixels."""
+    if k == 1.0:
+        return d
+    return Detection(tuple(v / k for v in d.box), d.score, d.keypoints / k)
 
 
 def _shifted(d, pad: int):
