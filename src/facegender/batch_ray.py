@@ -44,7 +44,7 @@ class Labeler:
     """A Ray Data actor: one model, loaded once, labelling batch after batch of files' bytes."""
 
     def __init__(self, checkpoint: str | None, device: str, detect: bool, min_confidence: float, threads: int,
-                 detector: str = DEFAULT_DETECTOR):
+                 detector: str = DEFAULT_DETECTOR, min_face: float | None = None):
         from .inference import Classifier, resolve_backend
 
         threads = max(1, threads)
@@ -53,7 +53,7 @@ class Labeler:
 
             torch.set_num_threads(threads)
         self.clf = Classifier.from_checkpoint(checkpoint, device=device, detect=detect, detector=detector,
-                                              min_confidence=min_confidence, threads=threads)
+                                              min_face=min_face, min_confidence=min_confidence, threads=threads)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -133,7 +133,7 @@ def _start_ray(address: str):
 def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, address: str, *,
                 device: str = "auto", detect: bool = True, min_confidence: float = 0.0, batch_size: int = 64,
                 workers: int | None = None, rows_per_shard: int = ROWS_PER_SHARD, detector: str = DEFAULT_DETECTOR,
-                log=print) -> dict:
+                min_face: float | None = None, log=print) -> dict:
     """Label ``inputs`` (files and folders) on Ray; returns counts: images, skipped (done before), rows, errors."""
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -168,7 +168,7 @@ def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, a
     if readable:
         labelled = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0.25).map_batches(
             Labeler, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"checkpoint": model, "detector": detector, "device": device, "detect": detect,
+            fn_constructor_kwargs={"checkpoint": model, "detector": detector, "min_face": min_face, "device": device, "detect": detect,
                                    "min_confidence": min_confidence, "threads": int(per_actor.get("num_cpus", 1))},
             **per_actor)
         tables = _chain(tables, labelled.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"))

@@ -120,7 +120,7 @@ def cmd_serve(args) -> int:
         warnings.warn(f"--host {args.host}: the API is reachable from other machines, without authentication")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers,
           micro_batching=not args.no_micro_batching, device=args.device, backend=args.backend,
-          model_threads=args.model_threads, detector=args.detector, **limits)
+          model_threads=args.model_threads, detector=args.detector, min_face=args.min_face, **limits)
     return 0
 
 
@@ -151,7 +151,7 @@ def cmd_predict(args) -> int:
         return _predict_ray(args, model, inputs)
     clf = Classifier.from_checkpoint(model, device=args.device, backend=args.backend,
                                      detect=not args.no_detect, detector=args.detector,
-                                     min_confidence=args.min_confidence)
+                                     min_face=args.min_face, min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     failures = 0
@@ -196,7 +196,7 @@ def _predict_ray(args, model, inputs) -> int:
         raise UserError("predict --ray: --annotate is not available on Ray; run predict without --ray for it")
     stats = predict_ray(model, inputs, args.output, args.ray, device=args.device, detect=not args.no_detect,
                         min_confidence=args.min_confidence, batch_size=args.batch_size, workers=args.ray_workers,
-                        detector=args.detector)
+                        detector=args.detector, min_face=args.min_face)
     return 1 if stats["errors"] else 0
 
 
@@ -239,6 +239,9 @@ class Annotator:
 DETECTOR_OPTION = {"choices": ["blazeface", "hog"], "default": "blazeface",
                    "help": "face detector: blazeface (default: MediaPipe's BlazeFace, finds tilted, profile and "
                            "small faces) or hog (dlib's HOG: upright, near-frontal faces of 80 px and more)"}
+MIN_FACE = 40  # detect.MIN_FACE, spelled out for the same reason
+MIN_FACE_HELP = (f"BlazeFace only: the smallest face to look for, in px of the photo (default {MIN_FACE}); smaller "
+                 "finds faces further away in big photos and costs more time per photo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: one per CPU, at most 4; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
     p.add_argument("--detector", **DETECTOR_OPTION)
+    p.add_argument("--min-face", type=float, metavar="PX", help=MIN_FACE_HELP)
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
     p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
@@ -369,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-threads", type=int,
                    help="the model's threads per server process (default: half of its share of the cores)")
     p.add_argument("--detector", **DETECTOR_OPTION)
+    p.add_argument("--min-face", type=float, metavar="PX", help=MIN_FACE_HELP)
     _max_pixels_option(p)
     p.add_argument("--max-memory-mb", type=float,
                    help="uploads and decoded images in flight, in MiB, per server process; a request beyond it is "

@@ -712,7 +712,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           workers: int = 1, micro_batching: bool = True, device: str = "auto", backend: str = "auto",
           model_threads: int | None = None, log_level: str = "info", max_pixels: int = DEFAULT_MAX_PIXELS,
           max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-          detector: str = DEFAULT_DETECTOR) -> None:
+          detector: str = DEFAULT_DETECTOR, min_face: float | None = None) -> None:
     """Run the server (blocking). With several workers each process loads the model and batches alone.
 
     ``backend`` auto (``inference.resolve_backend``) runs a descriptor model on onnxruntime where the `onnx` extra is
@@ -730,7 +730,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
                                    "micro_batching": micro_batching, "device": device, "backend": backend,
                                    "model_threads": model_threads, "max_pixels": max_pixels,
                                    "max_memory_mb": max_memory_mb, "body_timeout": body_timeout,
-                                   "detector": detector})
+                                   "detector": detector, "min_face": min_face})
     if workers == 1:
         uvicorn.run(app_from_environment(), host=host, port=port, log_level=log_level, **uvicorn_options())
         return
@@ -760,7 +760,8 @@ def app_from_environment() -> FastAPI:
 
         torch.set_num_threads(threads)
     classifier = Classifier.from_checkpoint(options["checkpoint"], device=options["device"], backend=backend,
-                                            threads=threads, detector=options.get("detector", DEFAULT_DETECTOR))
+                                            threads=threads, detector=options.get("detector", DEFAULT_DETECTOR),
+                                            min_face=options.get("min_face"))
     return create_app(classifier, max_upload_mb=options["max_upload_mb"], micro_batching=options["micro_batching"],
                       max_pixels=options.get("max_pixels", DEFAULT_MAX_PIXELS),
                       max_memory_mb=options.get("max_memory_mb", DEFAULT_MAX_MEMORY_MB),
