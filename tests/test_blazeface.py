@@ -227,6 +227,46 @@ def test_min_face_on_the_command_line_reaches_the_detector(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--min-face 0.0: must be above 0 (px)")
 
 
+def test_a_server_started_with_min_face_detects_with_it(tmp_path):
+    """A real `facegender serve --min-face 200` on loopback: the 48 px faces that predict's default finds are
+    below what it looks for."""
+    import base64
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    pytest.importorskip("fastapi", reason="the serving extra (fastapi) is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    canvas, places = small_faces(3, 48)
+    photo = tmp_path / "small.png"
+    canvas.save(photo)
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), "--min-face", "200"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+        body = json.dumps({"image": base64.b64encode(photo.read_bytes()).decode()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["faces"] == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert len(FaceDetector().detect(canvas)) == len(places)  # what the default finds in the same picture
+
+
 def test_an_unknown_detector_on_the_command_line_is_refused(capsys):
     from facegender.cli import main
 
