@@ -23,12 +23,16 @@ DESCRIPTOR_SIZE = 128
 def chip(image: Image.Image | np.ndarray, landmarks: Sequence[float] | None) -> np.ndarray:
     """The network's view of a face: 150x150 uint8 RGB, aligned by dlib from the 5 landmarks
     (x0 y0 ... x4 y4 in image pixels); without landmarks, the whole image resized."""
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     if landmarks is None:
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
         return np.asarray(image.convert("RGB").resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR))
+    # one copy of the pixels (a photo's faces each cut their chip from it): no conversion where it is RGB already
+    if isinstance(image, Image.Image):
+        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     # get_face_chip aligns by the 5 points alone; the record's box is required by its type, not used
     points = [(landmarks[2 * i], landmarks[2 * i + 1]) for i in range(5)]
-    return face_chips(np.asarray(image.convert("RGB")), [full_object_detection((0, 0, *image.size), points)])[0]
+    height, width = image.shape[:2]
+    return face_chips(image, [full_object_detection((0, 0, width, height), points)])[0]
 
 
 
