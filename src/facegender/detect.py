@@ -74,6 +74,10 @@ BLAZEFACE_RETRY_PAD = 0.5
 # same centre lowered by this fraction of the side, side scaled by this (medians over 450 faces of the
 # three corpora that both detectors found).
 BLAZEFACE_TO_HOG = {"short": (-0.017, 0.983), "full": (0.025, 0.922)}
+# HOG's box from dlib's 5 landmarks: its centre this many eye distances along the eye line and down from
+# the eyes' midpoint, its side this many eye distances (medians over 1,194 training faces of the three
+# corpora that both detectors found; the middle 80% within +-0.1, +-0.14 and +-0.3 of them).
+LANDMARKS_TO_HOG = (0.061, 0.544, 2.393)
 # A face tilted more than this (eye line, degrees) is turned upright before its landmarks are placed:
 # dlib's landmark model was trained on upright faces.
 UPRIGHT_WITHIN = 10.0
@@ -241,7 +245,7 @@ class FaceDetector:
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         _, landmarks, dlib = models
         pixels = functools.cache(lambda: np.asarray(rgb))  # made once, where an upright face needs it
-        return [_landmarked(rgb, pixels, d, landmarks, dlib) for d in merge(as_hog)]
+        return [_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in merge(as_hog)]
 
     def passes(self, longer: int) -> list[int]:
         """The inputs (longer side, px) of the short-range network's passes over an image whose longer side
@@ -284,6 +288,24 @@ def _hog_like(d, network: str):
     cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2 + lower * side
     half = side * grow / 2
     return Detection((cx - half, cy - half, cx + half, cy + half), d.score, d.keypoints)
+
+
+def _framed_as_hog(face: Face) -> Face:
+    """A BlazeFace face with the box HOG would draw around its landmarks (LANDMARKS_TO_HOG, turned with the
+    eye line). The landmarks agree with those HOG's box gives (1.4% of the eye distance apart, median), but
+    BlazeFace's own box, even scaled as HOG's, frames small faces differently, and the canonical crop holds
+    the whole box: on the validation split this framing gave the bundled ResNet18 the accuracy it has with
+    HOG's crops (CelebA 95.65% against 94.71 with HOG, 94.57 with the scaled box)."""
+    (lx, ly), (rx, ry) = face.left_eye, face.right_eye
+    d = math.hypot(rx - lx, ry - ly)
+    if d == 0:
+        return face
+    ux, uy = (rx - lx) / d, (ry - ly) / d  # along the eye line, image-left to image-right; down is (-uy, ux)
+    across, down, side = LANDMARKS_TO_HOG
+    cx = (lx + rx) / 2 + d * (across * ux - down * uy)
+    cy = (ly + ry) / 2 + d * (across * uy + down * ux)
+    half = side * d / 2
+    return Face((cx - half, cy - half, cx + half, cy + half), face.score, face.left_eye, face.right_eye, face.points)
 
 
 def _landmarked(rgb: Image.Image, pixels: Callable[[], np.ndarray], d, landmarks, dlib) -> Face:
