@@ -15,9 +15,7 @@ batches of 1, 3 and 64, the variants taking turns. Descriptors go through the ca
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 from facegender.data import load_samples_many
 from facegender.descriptors import _chip_of, cached_descriptors
 from facegender.inference import Classifier
+from facegender.onnx_export import quantize_int8
 from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, _key, session
 
 CONVS = [f"node_conv2d{'' if i == 0 else f'_{i}'}" for i in range(29)]  # the graph's 29 convolutions, in order
@@ -37,31 +36,6 @@ VARIANTS = {  # name -> (calibration method, convolutions left in float32)
     "minmax, first and last 4 fp32": ("MinMax", CONVS[:1] + CONVS[-4:]),
     "percentile, first and last 4 fp32": ("Percentile", CONVS[:1] + CONVS[-4:]),
 }
-
-
-def quantise(network: bytes, chips: np.ndarray, method: str, exclude: list[str]) -> bytes:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Chips(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"chips": chips[i:i + 32]} for i in range(0, len(chips), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory(prefix="facegender-int8-") as tmp:
-        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(network)
-        logging.disable(logging.WARNING)
-        try:
-            quantize_static(src, out, Chips(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=True, nodes_to_exclude=exclude,
-                            calibrate_method=getattr(CalibrationMethod, method),
-                            extra_options={"CalibMaxIntermediateOutputs": 4} if method != "MinMax" else {})
-        finally:
-            logging.disable(logging.NOTSET)
-        return out.read_bytes()
 
 
 def cpu_ms_per_face(network: DescriptorGraph, chips: np.ndarray, batch: int, seconds: float) -> float:
@@ -102,7 +76,7 @@ def main() -> None:
     for name in args.variants:
         method, exclude = VARIANTS[name]
         started = time.perf_counter()
-        data = quantise(network, chips, method, exclude)
+        data = quantize_int8(network, chips, None, method=method, exclude=tuple(exclude))
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             (Path(args.save) / f"descriptor-network-{name.replace(', ', '-').replace(' ', '-')}.onnx").write_bytes(data)
@@ -127,7 +101,7 @@ def main() -> None:
     labels = np.array([scored[i].label for i in good])
     sources = np.array([scored[i].source for i in good])
     corpora = sorted(set(sources))
-    accuracy = lambda p, m=slice(None): 100 * ((p[m] >= clf.threshold) == labels[m]).mean()  # noqa: E731
+    accuracy = lambda p, m=slice(None): 100 * ((p[m] >= clf.threshold) == labels[m]).mean()
     print(f"{'':36s} {'all':>8s} " + " ".join(f"{c:>13s}" for c in corpora) + f" {'max |dP|':>9s} {'flipped':>8s}")
     print(f"{'float32':36s} {accuracy(reference):7.2f}% " + " ".join(f"{accuracy(reference, sources == c):12.2f}%"
                                                              for c in corpora), flush=True)
@@ -144,8 +118,8 @@ def main() -> None:
 
     times = {(name, b): [] for name in graphs for b in (1, 3, 64)}
     for _ in range(args.rounds):
-        for name, b in times:
-            times[name, b].append(cpu_ms_per_face(graphs[name], chips, b, args.seconds))
+        for (name, b), runs in times.items():
+            runs.append(cpu_ms_per_face(graphs[name], chips, b, args.seconds))
     print(f"\nCPU ms per face, one thread, medians of {args.rounds} rounds (x: speed against float32)")
     for name in graphs:
         print(f"{name:36s} " + "   ".join(

@@ -136,7 +136,7 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None) -> No
         if before is not None:
             rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, source=before)
             ours[name, "before"] = rate
-            print(f"  one core, facegender of {str(before):22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
+            print(f"  one core, facegender of {before!s:22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
         for detector in ("blazeface", "hog"):
             rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
             ours[name, detector] = rate

@@ -159,15 +159,23 @@ def _graph_key(module: nn.Module, example: torch.Tensor, temperature: float, opt
     return h.hexdigest()[:24]
 
 
-def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict, reduce_range: bool = True) -> bytes:
+def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict | None, reduce_range: bool = True,
+                  method: str = "MinMax", exclude: tuple[str, ...] = ()) -> bytes:
     """A descriptor graph with its convolutions in int8: onnxruntime's static quantisation (QDQ, per-channel
     weights in 7 bits unless ``reduce_range`` is off: CPUs without VNNI can overflow their 16-bit sums of
-    u8 x s8 products otherwise), calibrated on ``calibration``, uint8 chips of validation faces. The head
-    stays float32."""
+    u8 x s8 products otherwise), calibrated on ``calibration``, uint8 chips of validation faces, with
+    activation ranges set by ``method`` (onnxruntime's CalibrationMethod: MinMax, Percentile, Entropy); the
+    convolutions named in ``exclude`` and the head stay float32. ``meta`` None: the graph without metadata."""
     import tempfile
 
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError:
         raise UserError(f"int8 quantisation needs onnxruntime: {INSTALL_HINT}") from None
 
@@ -185,10 +193,12 @@ def quantize_int8(model_bytes: bytes, calibration: np.ndarray, meta: dict, reduc
         try:
             quantize_static(src, out, Chips(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=reduce_range)
+                            reduce_range=reduce_range, nodes_to_exclude=list(exclude),
+                            calibrate_method=getattr(CalibrationMethod, method),
+                            extra_options={} if method == "MinMax" else {"CalibMaxIntermediateOutputs": 4})
         finally:
             logging.disable(logging.NOTSET)
-        return with_meta(out.read_bytes(), meta, "descriptor")
+        return out.read_bytes() if meta is None else with_meta(out.read_bytes(), meta, "descriptor")
 
 
 def with_meta(model_bytes: bytes, meta: dict, kind: str | None = None) -> bytes:
