@@ -105,6 +105,21 @@ def small_faces(n: int, side: int) -> tuple[Image.Image, list[tuple[int, int]]]:
     return canvas, places
 
 
+@pytest.mark.parametrize("scale", [1, 2, 3])
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_a_portrait_enlarged_has_one_face_not_textures_taken_for_small_ones(scale, mirrored):
+    """The larger passes look at the astronaut's badges, suit and flag at the scale of small faces: none may
+    come back as a face (they did at 0.65-0.74 before the larger passes' thresholds)."""
+    skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
+    pixels = skimage_data.astronaut()
+    image = Image.fromarray(np.ascontiguousarray(pixels[:, ::-1] if mirrored else pixels))
+    image = image.resize((image.width * scale, image.height * scale), Image.BICUBIC)
+    detector = FaceDetector()
+    assert len(detector.passes(max(image.size))) > 1  # the larger passes do run
+    (face,) = detector.detect(image)
+    assert face.box[2] - face.box[0] > 90 * scale  # hers: about 100 px at 512
+
+
 def test_small_faces_are_found_by_the_larger_pass_that_min_face_asks_for():
     canvas, places = small_faces(4, 48)
     default, one_pass = FaceDetector(), FaceDetector(min_face=200)

@@ -62,6 +62,14 @@ FACE_AT_INPUT = 24  # px at the network's input: the smallest face it finds reli
 # Faces much larger than its 128 px training input it misses (at a 384 px input it found 98% of faces of
 # 70-115 px and 52% of 170-270 px), so the passes' inputs grow by at most this factor, one to the next:
 PASS_RATIO = 3.5
+# The larger passes see textures at the scale of small faces, and on real photos enlarged 2-3x (the astronaut,
+# coffee, a cat) they scored false boxes up to 0.68, where 91% of the faces of 19-28 px they found scored 0.7 or
+# more: they keep what scores this much (unless min_score is given).
+LARGER_PASS_MIN_SCORE = 0.7
+# In a portrait they still found textures of a tenth of the face's size at up to 0.74 (the astronaut, mirrored):
+# beside a face more than twice its size, a face from a larger pass keeps this score or more.
+BESIDE_LARGER_MIN_SCORE = 0.8
+BESIDE_LARGER_RATIO = 2.0
 # In a small image where the short-range network finds nothing, the full-range one looks at an input that
 # shows a ``min_face`` face at this many px (its smallest; a larger input missed tight UTKFace chips).
 FULL_FACE_AT_INPUT = 28
@@ -232,7 +240,13 @@ class FaceDetector:
         found = [[(_scaled_detection(d, k), "short") for d in short.detect(base)]]
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
         if not (small and found[0]):
-            found += [[(_scaled_detection(d, k), "short") for d in short.detect(base, side)] for side in sides[1:]]
+            score = LARGER_PASS_MIN_SCORE if self.min_score is None else self.min_score
+            larger = [[_scaled_detection(d, k) for d in short.detect(base, side, min_score=score)] for side in sides[1:]]
+            if self.min_score is None:
+                largest = max((_side(d) for one in [[d for d, _ in found[0]], *larger] for d in one), default=0.0)
+                larger = [[d for d in one if d.score >= BESIDE_LARGER_MIN_SCORE or BESIDE_LARGER_RATIO * _side(d) >= largest]
+                          for one in larger]
+            found += [[(d, "short") for d in one] for one in larger]
         if not any(found) and small:  # the full-range network sees some faces the short-range one misses
             side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / self.min_face) // MULTIPLE * MULTIPLE)
             found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
@@ -266,6 +280,10 @@ def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
     right = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
     left = ((pts[2][0] + pts[3][0]) / 2, (pts[2][1] + pts[3][1]) / 2)
     return Face(tuple(float(v) for v in box), score, left, right, tuple(pts))
+
+
+def _side(d) -> float:
+    return max(d.box[2] - d.box[0], d.box[3] - d.box[1])
 
 
 def _scaled_detection(d, k: float):
