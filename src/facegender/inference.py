@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,13 +123,14 @@ class Classifier:
         many images ahead (their model inputs, not the decoded images).
 
         ``workers`` threads decode and detect (``faces``) ahead while this one runs the model (``classify``);
-        default: one per CPU, at most 4; 0 does everything in the calling thread.
+        default: one per CPU this process may use, at most 4; 0 does everything in the calling thread.
         """
         def faces(job: tuple[int, object]):
             i, item = job
             return self.faces(str(item) if isinstance(item, (str, Path)) else f"<image {i}>", item)
 
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        # the cores this process may use: under taskset -c 0 a second worker only takes turns with the first
+        workers = min(4, onnx_model.default_threads()) if workers is None else workers
         batch: list[tuple[Prediction, np.ndarray]] = []
         # While this thread runs a batch, the workers go on detecting for the next one: a look-ahead shorter
         # than a batch would leave them idle for most of the model's turn.
