@@ -16,7 +16,7 @@ from .images import BadImage, open_rgb
 from .inference import Classifier, model_path
 from .io import UserError, atomic_path
 from .onnx_export import OPSET, quantize_int8, to_onnx, with_meta
-from .onnx_model import DescriptorGraph, ResNetGraph, session
+from .onnx_model import network, session
 from .torchmodels import build_torch_face_model
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -109,9 +109,7 @@ def export_onnx(source: str | Path, out: str | Path, check: list[str] | None = N
     if check:
         samples = load_samples_many(check, "test")
         full, labels, _ = clf.model.dataset_logits(samples)
-        graph = (DescriptorGraph(session(data), "export-check") if kind_of(meta) == "descriptor"
-                 else ResNetGraph(session(data)))
-        clf.model = graph_model(graph, meta)
+        clf.model = graph_model(network(session(data), "export-check", str(out)), meta)
         logits, _, _ = clf.model.dataset_logits(samples)
         full, got = clf.probabilities(full), clf.probabilities(logits)
         diff = np.abs(got - full)

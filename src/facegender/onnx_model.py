@@ -125,10 +125,16 @@ def load(path: str | Path, threads: int | None = None) -> tuple[ResNetGraph | De
     data = path.read_bytes()
     sess = session(data, threads, str(path))
     meta = graph_meta(sess, str(path))
+    return network(sess, _key(data), str(path)), meta
+
+
+def network(sess, key: str, name: str) -> ResNetGraph | DescriptorGraph:
+    """The network of an exported graph's session, by its input: chips (a descriptor model) or a crop (a
+    ResNet18 or an ensemble's). ``key`` names a descriptor graph's descriptors (``DescriptorGraph``)."""
     inputs = {i.name for i in sess.get_inputs()}
     if "chips" in inputs:
-        return DescriptorGraph(sess, _key(data)), meta
+        return DescriptorGraph(sess, key)
     if "input" in inputs:
-        return ResNetGraph(sess), meta
-    raise UserError(f"{path}: a graph whose inputs ({', '.join(sorted(inputs))}) are not facegender's; "
+        return ResNetGraph(sess)
+    raise UserError(f"{name}: a graph whose inputs ({', '.join(sorted(inputs))}) are not facegender's; "
                     "export it with `facegender export`")
