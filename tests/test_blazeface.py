@@ -282,6 +282,14 @@ def test_a_server_started_with_min_face_detects_with_it(tmp_path):
     assert len(FaceDetector().detect(canvas)) == len(places)  # what the default finds in the same picture
 
 
+def test_the_command_lines_spelled_out_detector_options_are_detects_own():
+    from facegender import cli, detect
+
+    assert cli.DETECTOR_OPTION["choices"] == list(detect.DETECTORS)
+    assert cli.DETECTOR_OPTION["default"] == detect.DEFAULT_DETECTOR
+    assert cli.MIN_FACE == detect.MIN_FACE
+
+
 def test_an_unknown_detector_on_the_command_line_is_refused(capsys):
     from facegender.cli import main
 

@@ -168,8 +168,9 @@ def predict_ray(checkpoint: str | None, inputs: list[str], output: str | Path, a
     if readable:
         labelled = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0.25).map_batches(
             Labeler, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"checkpoint": model, "detector": detector, "min_face": min_face, "device": device, "detect": detect,
-                                   "min_confidence": min_confidence, "threads": int(per_actor.get("num_cpus", 1))},
+            fn_constructor_kwargs={"checkpoint": model, "detector": detector, "min_face": min_face, "device": device,
+                                   "detect": detect, "min_confidence": min_confidence,
+                                   "threads": int(per_actor.get("num_cpus", 1))},
             **per_actor)
         tables = _chain(tables, labelled.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"))
     pending = []

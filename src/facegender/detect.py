@@ -147,7 +147,7 @@ class FaceDetector:
     """
 
     def __init__(self, kind: str = DEFAULT_DETECTOR, min_score: float | None = None, always_upsample: bool = False,
-                 min_face: float = MIN_FACE):
+                 min_face: float | None = None):
         if kind not in DETECTORS:
             raise UserError(f"--detector {kind!r}: use one of {', '.join(DETECTORS)}")
         self.kind = kind
@@ -156,8 +156,9 @@ class FaceDetector:
         # HOG only. True: search small images at double size even where native scale found a face, which
         # also finds faces of 40-80 px beside bigger ones in them, at about five times the cost
         self.always_upsample = always_upsample
-        # BlazeFace only: the smallest face sought, px. Smaller costs more: the second pass's input grows
-        # with 1/min_face (up to FULL_MAX_SIDE)
+        # BlazeFace only: the smallest face sought, px (None: MIN_FACE). Smaller costs more: the largest
+        # pass's input grows with 1/min_face (``passes``)
+        min_face = MIN_FACE if min_face is None else min_face
         if min_face <= 0:
             raise UserError(f"--min-face {min_face}: must be above 0 (px)")
         self.min_face = min_face

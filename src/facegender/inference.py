@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint, onnx_model
-from .detect import DEFAULT_DETECTOR, MAX_SIDE, MIN_FACE, FaceDetector, detect_faces
+from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector, detect_faces
 from .facemodels import apply_temperature, build_face_model, graph_model, kind_of
 from .images import BadImage, open_rgb, open_rgb_reduced
 from .io import UserError
@@ -63,7 +63,7 @@ class Classifier:
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta.get("temperature", 1.0))
         # detector: one of detect.DETECTORS; min_face: BlazeFace's smallest face sought, px (None: detect.MIN_FACE)
-        self.detector = FaceDetector(detector, min_face=MIN_FACE if min_face is None else min_face) if detect else None
+        self.detector = FaceDetector(detector, min_face=min_face) if detect else None
         if not 0 <= min_confidence <= 1:
             raise UserError(f"--min-confidence {min_confidence}: must be between 0 and 1")
         self.min_confidence = min_confidence
