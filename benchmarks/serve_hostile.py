@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from serve_load import free_port, photos, start_server
+from serve_load import free_port, load, photos, start_server
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -61,22 +61,9 @@ class Tally:
 
 
 async def honest(url: str, images, clients: int, stop: float, tally: Tally) -> None:
-    async def client(k: int, http: httpx.AsyncClient) -> None:
-        i = k
-        while time.perf_counter() < stop:
-            name, data = images[i % len(images)]
-            i += clients
-            start = time.perf_counter()
-            try:
-                r = await http.post(f"{url}/v1/predict", files={"file": (name, data, "image/jpeg")})
-                ok = r.status_code == 200 and r.json()["faces"] == 1
-            except httpx.HTTPError:
-                ok = False
-            tally.latencies.append(time.perf_counter() - start)
-            tally.errors += not ok
-
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
+    latencies, errors = await load(f"{url}/v1/predict", images, clients, stop - time.perf_counter(), timeout=120)
+    tally.latencies += latencies
+    tally.errors += errors
 
 
 async def bombs(url: str, stop: float, tally: Tally) -> None:
