@@ -172,6 +172,22 @@ def test_anchors_follow_the_input_size():
     assert tuple(anchors("full", 192, 192)[0]) == (2.0, 2.0)
 
 
+@pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
+def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks(network):
+    """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout."""
+    onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(blazeface.WEIGHTS / blazeface.NETWORKS[network].file)).graph
+    kernels = {i.name: numpy_helper.to_array(i).shape for i in graph.initializer}
+    readers = {name: n.op_type for n in graph.node for name in n.input}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    inner = [n for n in convs if readers[n.output[0]] != "Transpose"]
+    assert len(inner) > 30 and len(convs) - len(inner) in (2, 4)  # the score and box outputs per anchor grid
+    assert all(kernels[n.input[1]][0] % 16 == 0 for n in inner), "an inner layer's width is not a whole block"
+    assert not any(n.op_type == "Pad" for n in graph.node)  # the shortcuts' channel pads are gone
+
+
 def test_letterbox_keeps_the_aspect_and_pads_to_multiples_of_32():
     tensor, k = letterbox(Image.new("RGB", (300, 190), (255, 255, 255)), 192)  # resized to 192 x 122
     assert tensor.shape == (1, 3, 128, 192) and k == pytest.approx(192 / 300)

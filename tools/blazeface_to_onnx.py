@@ -37,6 +37,11 @@ MODELS = {
 }
 # raw regressor outputs are in input pixels (0-192), scores are logits: both checked absolutely
 TOLERANCE = {"regressors": 2e-2, "scores": 1e-2}
+# onnxruntime runs a convolution in its blocked channel layout (NCHWc, 16 channels a block with AVX-512, 8
+# with AVX2) only where its channels fill whole blocks; BlazeFace's 24, 28, 36, 42... do not, and the graph
+# went in and out of that layout around most layers. Widened to multiples of this with zero weights, it
+# stays in it (channels_in_blocks).
+CHANNEL_BLOCK = 16
 
 
 def fetch_tflite(work: Path) -> dict[str, Path]:
@@ -110,6 +115,87 @@ def any_size(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def channels_in_blocks(path: Path, block: int = CHANNEL_BLOCK) -> None:
+    """Widen every inner layer of the graph to a multiple of ``block`` channels, the added ones zero.
+
+    An added channel has zero weights and zero bias into it and zero weights out of it, so it holds 0
+    through every ReLU, max-pooling and upsampling, and the outputs are those of the original graph (up
+    to float rounding in sums of a different length). BlazeFace's residual blocks widen their shortcut with
+    a channel Pad of zeros: where both sides now round to the same width the Pad goes (its zeros are already
+    there); otherwise it becomes a 1x1 convolution with identity weights, which stays in the blocked layout
+    and which onnxruntime fuses with the Add and the ReLU after it. The input (3 channels) and the output
+    convolutions (read by Transpose and Reshape) keep their widths.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    tensors = {i.name: i for i in graph.initializer}
+    array = lambda name: numpy_helper.to_array(tensors[name])
+
+    def put(name: str, value: np.ndarray) -> None:
+        tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    up = lambda n: -(-n // block) * block
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    width = {graph.input[0].name: (3, 3)}  # tensor -> (channels in the original graph, channels now)
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        if node.op_type == "Conv":
+            kernel, bias = array(node.input[1]), array(node.input[2])
+            c_out, c_in = kernel.shape[:2]
+            group = next((a for a in node.attribute if a.name == "group"), None)
+            outer = all(op in ("Transpose", "Reshape") for op in readers.get(node.output[0], []))
+            wide = c_out if outer else up(c_out)
+            if group is not None and group.i > 1:  # depthwise: one filter per channel
+                if not (group.i == c_out == width[node.input[0]][0] and c_in == 1):
+                    raise SystemExit(f"{path.name}: {node.name}: a grouped convolution this script does not know")
+                group.i = wide
+                shape = (wide, 1)
+            else:
+                shape = (wide, width[node.input[0]][1])
+            grown = np.zeros(shape + kernel.shape[2:], kernel.dtype)
+            grown[:c_out, :c_in] = kernel
+            put(node.input[1], grown)
+            put(node.input[2], np.pad(bias, (0, wide - c_out)))
+            width[node.output[0]] = (c_out, wide)
+        elif node.op_type == "Pad":
+            pads = array(node.input[1])
+            if pads[[0, 2, 3, 4, 6, 7]].any() or pads[1]:
+                raise SystemExit(f"{path.name}: {node.name}: a padding other than channels appended")
+            old, now = width[node.input[0]]
+            c_out = old + int(pads[5])
+            width[node.output[0]] = (c_out, up(c_out))
+            if up(c_out) == now:
+                identity = helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+                graph.node.append(identity)  # onnxruntime removes it
+                continue
+            eye = np.zeros((up(c_out), now, 1, 1), np.float32)
+            eye[np.arange(now), np.arange(now)] = 1
+            graph.initializer.extend([numpy_helper.from_array(eye, f"{node.name}/Identity"),
+                                      numpy_helper.from_array(np.zeros(up(c_out), np.float32), f"{node.name}/Zero")])
+            graph.node.append(helper.make_node("Conv", [node.input[0], f"{node.name}/Identity", f"{node.name}/Zero"],
+                                               [node.output[0]], name=node.name, kernel_shape=[1, 1]))
+            continue
+        elif node.op_type in ("Relu", "Add", "MaxPool", "Resize"):
+            sides = {width[name] for name in node.input[:1 if node.op_type != "Add" else 2]}
+            if len(sides) != 1:
+                raise SystemExit(f"{path.name}: {node.name}: inputs of different widths {sides}")
+            width[node.output[0]] = sides.pop()
+        graph.node.append(node)
+    unused = {name for name in tensors} - {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def check(tflite: Path, onnx_path: Path, faces: list[np.ndarray]) -> None:
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
@@ -149,6 +235,7 @@ def main() -> None:
             subprocess.run(["tflite2onnx", str(tflite), str(out)], check=True,
                            env={"PATH": str(Path(sys.executable).parent)})
             any_size(out)
+            channels_in_blocks(out)
             check(tflite, out, faces)
             partial = WEIGHTS / f"{out.name}.partial"  # written beside its target, then renamed: never half a file
             partial.write_bytes(out.read_bytes())
