@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model or a descriptor head; torch for a ResNet18 checkpoint of your own where it is "
                         "installed); onnxruntime converts such a checkpoint to ONNX first (cached; needs PyTorch)")
     p.add_argument("--workers", type=int, help="threads decoding and detecting faces while the model runs "
-                   "(default: one per CPU this process may use, at most 4; 0: none)")
+                   "(default: one per CPU this process may use, at most 4, and none on one CPU; 0: none)")
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify whole images")
     p.add_argument("--detector", **DETECTOR_OPTION)
     p.add_argument("--min-face", type=float, metavar="PX", help=MIN_FACE_HELP)
