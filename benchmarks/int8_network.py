@@ -8,9 +8,15 @@ the prepared corpora (``--split val``, the default, is what a variant is chosen 
 reports): accuracy of the bundled descriptor head on its descriptors, per corpus, against float32, the
 largest change in P(male) and the answers that flip; then CPU milliseconds per face on one thread at
 batches of 1, 3 and 64, the variants taking turns. Descriptors go through the cache of
-``facegender.descriptors`` (keyed by the graph's bytes), so a rerun computes nothing. Usage:
+``facegender.descriptors`` (keyed by the graph's bytes), so a rerun computes nothing.
+
+``--refit`` also fits a new head on each graph's own descriptors, as ``train --kind descriptor`` does (its
+rule: a logistic regression, or an MLP of seed 0 where clearly better on validation) and as the mean of
+five MLPs (seeds 0-4: one MLP five times as wide), and scores each on the validation split (where a choice
+is made), the test split and leave-one-corpus-out (fitted on two corpora's training and validation splits,
+scored on every image of the third), float32's refits beside. Usage:
     python benchmarks/int8_network.py --data data/utkface data/celeba data/scut_fbp5500 [--split val]
-        [--variants minmax percentile ...] [--save DIR]
+        [--variants minmax percentile ...] [--save DIR] [--correct] [--refit]
 """
 from __future__ import annotations
 
@@ -47,6 +53,55 @@ def cpu_ms_per_face(network: DescriptorGraph, chips: np.ndarray, batch: int, sec
     return (time.process_time() - cpu) * 1000 / n
 
 
+SEEDS = 5  # MLPs averaged by the second recipe
+
+
+def refits(graphs: dict[str, DescriptorGraph], data: list[str], clf: Classifier) -> None:
+    """Accuracy of heads refitted on each graph's descriptors (see the module's docstring), per corpus."""
+    from facegender.heads import (  # PyTorch and scikit-learn
+        MLP_MARGIN,
+        _accuracy,
+        fit_logistic,
+        fit_mlp,
+    )
+
+    quiet = lambda *_: None
+    splits = {name: load_samples_many(data, name) for name in ("train", "val", "test")}
+
+    def fitted(x, y, x_val, y_val) -> dict:
+        logistic = fit_logistic(x, y, x_val, y_val, quiet)
+        mlps = [fit_mlp(x, y, x_val, y_val, seed, log=quiet) for seed in range(SEEDS)]
+        better = (_accuracy(mlps[0].logits(x_val), y_val) - _accuracy(logistic.logits(x_val), y_val) >= MLP_MARGIN
+                  and mlps[0].fit_info["val_loss"] < logistic.fit_info["val_loss"])
+        return {"train's rule": (mlps[0] if better else logistic).logits,
+                f"mean of {SEEDS} MLPs": lambda x: np.mean([m.logits(x) for m in mlps], axis=0)}
+
+    corpora = sorted({s.source for s in splits["test"]})
+    print(f"\nheads refitted on each graph's descriptors: accuracy per corpus ({', '.join(corpora)}); validation "
+          "chooses, test and leave-one-corpus-out report")
+    print(f"{'':52s} {'validation':>22s}   {'test':>22s}   {'leave-one-corpus-out':>22s}")
+    for name, graph in graphs.items():
+        got = {}
+        for split, samples in splits.items():
+            d = cached_descriptors(samples, extractor=graph, progress=False)
+            got[split] = (d.vectors[d.good], np.array([samples[i].label for i in d.good]),
+                          np.array([samples[i].source for i in d.good]))
+        (x, y, _), (xv, yv, _) = got["train"], got["val"]
+        per = lambda z, y, src: " ".join(f"{100 * ((z[src == c] > 0) == y[src == c]).mean():6.2f}" for c in corpora)
+        folds = {}
+        for held in corpora:
+            t, v = got["train"][2] != held, got["val"][2] != held
+            heads = fitted(x[t], y[t], xv[v], yv[v])
+            out = [np.concatenate([a[i][a[2] == held] for a in got.values()]) for i in (0, 1)]
+            for recipe, logits in heads.items():
+                folds.setdefault(recipe, []).append(100 * ((logits(out[0]) > 0) == out[1]).mean())
+        rows = {"bundled head": clf.model.head.logits, **fitted(x, y, xv, yv)}
+        for recipe, logits in rows.items():
+            loco = " ".join(f"{a:6.2f}" for a in folds[recipe]) if recipe in folds else ""
+            print(f"{name + ', ' + recipe:52s} {per(logits(got['val'][0]), *got['val'][1:]):>22s}   "
+                  f"{per(logits(got['test'][0]), *got['test'][1:]):>22s}   {loco:>22s}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="prepared datasets")
@@ -59,6 +114,8 @@ def main() -> None:
     parser.add_argument("--correct", action="store_true",
                         help="also score each variant with an affine map from its descriptors to float32's, fitted "
                              "by least squares on the training split (foldable into the head's first layer)")
+    parser.add_argument("--refit", action="store_true",
+                        help="also refit the head on each graph's descriptors: validation, test and leave-one-corpus-out")
     args = parser.parse_args()
 
     clf = Classifier.from_checkpoint("descriptor", detect=False, threads=1)
@@ -115,6 +172,9 @@ def main() -> None:
             f"{accuracy(p, sources == c):6.2f} ({accuracy(p, sources == c) - accuracy(reference, sources == c):+.2f})"
             for c in corpora) + f" {np.abs(p - reference).max():9.3f} {int(((p >= 0.5) != (reference >= 0.5)).sum()):8d}",
             flush=True)
+
+    if args.refit:
+        refits(graphs, args.data, clf)
 
     times = {(name, b): [] for name in graphs for b in (1, 3, 64)}
     for _ in range(args.rounds):
