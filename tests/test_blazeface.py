@@ -120,6 +120,23 @@ def test_a_portrait_enlarged_has_one_face_not_textures_taken_for_small_ones(scal
     assert face.box[2] - face.box[0] > 90 * scale  # hers: about 100 px at 512
 
 
+def test_the_callers_array_of_a_photo_gives_the_faces_and_chips_of_the_photo(detectors, bundled_classifier):
+    """predict converts a photo to an array once and hands it to the detector and the chips."""
+    from facegender.chips import chip
+    from facegender.detect import detect_faces
+    from facegender.facemodels import face_points
+
+    skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
+    photo = Image.fromarray(skimage_data.astronaut())
+    for image in (photo, turned(photo, 30)):  # landmarks read the array upright, through a warp turned
+        for detector in detectors.values():
+            assert detector.detect(image, np.asarray(image)) == detector.detect(image)
+    assert len(detectors["blazeface"].detect(turned(photo, 30))) == 1
+    ((stub, cut),) = bundled_classifier.faces("astronaut", photo)
+    ((face, _),) = detect_faces(photo, bundled_classifier.detector)
+    assert stub.faces == 1 and np.array_equal(cut, chip(photo, face_points(face)))
+
+
 def test_small_faces_are_found_by_the_larger_pass_that_min_face_asks_for():
     canvas, places = small_faces(4, 48)
     default, one_pass = FaceDetector(), FaceDetector(min_face=200)

@@ -165,11 +165,13 @@ class Classifier:
             return [(Prediction(name, error=str(e)), None)]
         if self.detector is None or not detect:
             return [(Prediction(name), self.model.inputs(image, None, None))]
-        found = detect_faces(image, self.detector)
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = np.asarray(image)  # one copy for the landmarks and every face's chip: each conversion copies the photo
+        found = detect_faces(image, self.detector, pixels)
         if not found:
             return [(Prediction(name, faces=0), None)]
         return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
-                 self.model.inputs(image, face, box))
+                 self.model.inputs(image, face, box, pixels))
                 for k, (face, box) in enumerate(found, start=1)]
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
