@@ -185,19 +185,20 @@ class FaceDetector:
             with self._lock:
                 self._idle.append(models)
 
-    def detect(self, image: Image.Image, pixels: np.ndarray | None = None) -> list[Face]:
-        """Every face in ``image``, largest first. ``pixels``: the RGB image as an array, where the caller has
-        made one already (the landmark model reads the array; each conversion copies the photo)."""
+    def detect(self, image: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
+        """Every face in ``image``, largest first. ``pixels``: where the caller needs the RGB image as an array
+        too, a function that makes it once (the landmark model reads the array, and each conversion copies the
+        photo); called only where the detector needs the array."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         with self._borrowed() as models:
             faces = self._blazeface(models, rgb, pixels) if self.kind == "blazeface" else self._hog(models, rgb, pixels)
         return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
 
-    def _hog(self, models: tuple, rgb: Image.Image, pixels: np.ndarray | None = None) -> list[Face]:
+    def _hog(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
         scale = min(1.0, MAX_SIDE / max(rgb.size))
         if scale < 1.0:
             rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
-        a = pixels if pixels is not None and scale == 1.0 else np.asarray(rgb)
+        a = pixels() if pixels is not None and scale == 1.0 else np.asarray(rgb)
         faces = self._hog_search(models, a, 0, 0)
         if not faces:
             dy, dx = round(a.shape[0] * RETRY_PAD), round(a.shape[1] * RETRY_PAD)
@@ -221,7 +222,7 @@ class FaceDetector:
             faces.append(_with_landmarks(box, float(score), pts))
         return faces
 
-    def _blazeface(self, models: tuple, rgb: Image.Image, given: np.ndarray | None = None) -> list[Face]:
+    def _blazeface(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
         """The short-range network at its own 128 px (faces of a fifth of the image and more) and, where
         the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
         ``min_face`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
@@ -260,8 +261,7 @@ class FaceDetector:
                              for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         _, landmarks, dlib = models
-        # the image's array: the caller's, or made once where an upright face needs it
-        pixels = functools.cache(lambda: np.asarray(rgb) if given is None else given)
+        pixels = functools.cache(pixels or (lambda: np.asarray(rgb)))  # made once, where an upright face needs it
         return [_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in merge(as_hog)]
 
     def passes(self, longer: int) -> list[int]:
@@ -409,6 +409,6 @@ def canonical_box(face: Face, image_size: tuple[int, int]) -> tuple[int, int, in
 
 
 def detect_faces(image: Image.Image, detector: FaceDetector,
-                 pixels: np.ndarray | None = None) -> list[tuple[Face, tuple[int, int, int, int]]]:
+                 pixels: Callable[[], np.ndarray] | None = None) -> list[tuple[Face, tuple[int, int, int, int]]]:
     """Every face in ``image`` with its canonical crop box, largest first (``pixels``: as ``FaceDetector.detect``)."""
     return [(face, canonical_box(face, image.size)) for face in detector.detect(image, pixels)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -166,12 +167,13 @@ class Classifier:
         if self.detector is None or not detect:
             return [(Prediction(name), self.model.inputs(image, None, None))]
         image = image if image.mode == "RGB" else image.convert("RGB")
-        pixels = np.asarray(image)  # one copy for the landmarks and every face's chip: each conversion copies the photo
+        # one copy of the photo for the landmarks and every face's chip (each conversion copies it), made where needed
+        pixels = functools.cache(lambda: np.asarray(image))
         found = detect_faces(image, self.detector, pixels)
         if not found:
             return [(Prediction(name, faces=0), None)]
         return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
-                 self.model.inputs(image, face, box, pixels))
+                 self.model.inputs(image, face, box, pixels()))
                 for k, (face, box) in enumerate(found, start=1)]
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
