@@ -59,21 +59,18 @@ SEEDS = 5  # MLPs averaged by the second recipe
 def refits(graphs: dict[str, DescriptorGraph], data: list[str], clf: Classifier) -> None:
     """Accuracy of heads refitted on each graph's descriptors (see the module's docstring), per corpus."""
     from facegender.heads import (  # PyTorch and scikit-learn
-        MLP_MARGIN,
-        _accuracy,
         fit_logistic,
         fit_mlp,
+        kept_head,
     )
 
     quiet = lambda *_: None
     splits = {name: load_samples_many(data, name) for name in ("train", "val", "test")}
 
     def fitted(x, y, x_val, y_val) -> dict:
-        logistic = fit_logistic(x, y, x_val, y_val, quiet)
         mlps = [fit_mlp(x, y, x_val, y_val, seed, log=quiet) for seed in range(SEEDS)]
-        better = (_accuracy(mlps[0].logits(x_val), y_val) - _accuracy(logistic.logits(x_val), y_val) >= MLP_MARGIN
-                  and mlps[0].fit_info["val_loss"] < logistic.fit_info["val_loss"])
-        return {"train's rule": (mlps[0] if better else logistic).logits,
+        rule, _ = kept_head(fit_logistic(x, y, x_val, y_val, quiet), mlps[0], x_val, y_val)
+        return {"train's rule": rule.logits,
                 f"mean of {SEEDS} MLPs": lambda x: np.mean([m.logits(x) for m in mlps], axis=0)}
 
     corpora = sorted({s.source for s in splits["test"]})

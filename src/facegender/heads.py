@@ -97,6 +97,15 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, 
     return head
 
 
+def kept_head(logistic: DescriptorHead, mlp: DescriptorHead, x_val: np.ndarray, y_val: np.ndarray
+              ) -> tuple[DescriptorHead, float]:
+    """``train --kind descriptor``'s choice: the MLP where it is MLP_MARGIN more accurate on validation and
+    its validation loss is lower, else the logistic regression; and the MLP's validation accuracy gain."""
+    gain = _accuracy(mlp.logits(x_val), y_val) - _accuracy(logistic.logits(x_val), y_val)
+    better = gain >= MLP_MARGIN and mlp.fit_info["val_loss"] < logistic.fit_info["val_loss"]
+    return (mlp if better else logistic), gain
+
+
 def labelled_descriptors(samples: list[Sample], workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, int]:
     """The descriptors and labels of the samples that decode, their indices, the others (path -> reason),
     and how many samples have no landmarks (their chip is the whole image)."""
@@ -141,11 +150,8 @@ def train_descriptor_head(config: TrainConfig, data: list[str], out: str | Path,
     labelled_descriptors(splits["test"], workers)  # computed now, in parallel, rather than one by one at the end
     described = time.perf_counter() - started
     fit_start = time.perf_counter()
-    head = fit_logistic(x, y, x_val, y_val, log)
-    mlp = fit_mlp(x, y, x_val, y_val, config.seed, log=log)
-    gain = _accuracy(mlp.logits(x_val), y_val) - _accuracy(head.logits(x_val), y_val)
-    if gain >= MLP_MARGIN and mlp.fit_info["val_loss"] < head.fit_info["val_loss"]:
-        head = mlp
+    head, gain = kept_head(fit_logistic(x, y, x_val, y_val, log), fit_mlp(x, y, x_val, y_val, config.seed, log=log),
+                           x_val, y_val)
     log(f"kept: {head.fit_info['model']} (MLP validation accuracy {gain * 100:+.2f} points; "
         f"needs {MLP_MARGIN * 100:+.1f} and a lower loss)")
     fit_seconds = time.perf_counter() - fit_start
