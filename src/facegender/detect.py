@@ -231,6 +231,7 @@ class FaceDetector:
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
         MediaPipe's 0.5."""
         short = self._networks["short"]
+        pixels = functools.cache(pixels or (lambda: np.asarray(rgb)))  # made once, where it is needed
         longer = max(rgb.size)
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
@@ -255,13 +256,12 @@ class FaceDetector:
             found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
         if not any(found) and small:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
-            padded = Image.fromarray(np.pad(np.asarray(rgb), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+            padded = Image.fromarray(np.pad(pixels(), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
             score = MIN_SCORE if self.min_score is None else self.min_score
             found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
                              for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         _, landmarks, dlib = models
-        pixels = functools.cache(pixels or (lambda: np.asarray(rgb)))  # made once, where an upright face needs it
         return [_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in merge(as_hog)]
 
     def passes(self, longer: int) -> list[int]:

@@ -69,7 +69,7 @@ class ResNetModel:
         self.mean, self.std = tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD))
         self.flip = meta.get("tta") == "flip"  # test-time augmentation: the mean logit of the crop and its mirror
 
-    def inputs(self, image: Image.Image, face, box, pixels: np.ndarray | None = None) -> np.ndarray:
+    def inputs(self, image: Image.Image, face, box, pixels: Callable[[], np.ndarray] | None = None) -> np.ndarray:
         return face_array(image, box, self.size)
 
     def logits(self, inputs) -> np.ndarray:
@@ -136,10 +136,10 @@ class DescriptorModel:
             self._extractor = default_extractor(self.device)
         return self._extractor
 
-    def inputs(self, image: Image.Image, face, box, pixels: np.ndarray | None = None) -> np.ndarray:
-        """``pixels``: the RGB image as an array, where the caller has one (each face's chip is cut from it
-        rather than from a copy of its own)."""
-        return chip(image if pixels is None else pixels, face_points(face))
+    def inputs(self, image: Image.Image, face, box, pixels: Callable[[], np.ndarray] | None = None) -> np.ndarray:
+        """``pixels``: as ``detect.FaceDetector.detect``'s, the RGB image as an array made once (each face's
+        chip is cut from it rather than from a copy of its own)."""
+        return chip(image if pixels is None else pixels(), face_points(face))
 
     def logits(self, inputs) -> np.ndarray:
         chips = inputs if isinstance(inputs, np.ndarray) else np.stack(list(inputs))
@@ -191,7 +191,8 @@ class EnsembleModel:
     def combine(self, z_resnet: np.ndarray, z_descriptor: np.ndarray) -> np.ndarray:
         return self.weights[0] * z_resnet + self.weights[1] * z_descriptor + self.bias
 
-    def inputs(self, image: Image.Image, face, box, pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def inputs(self, image: Image.Image, face, box,
+               pixels: Callable[[], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.resnet.inputs(image, face, box), self.descriptor.inputs(image, face, box, pixels)
 
     def logits(self, inputs) -> np.ndarray:

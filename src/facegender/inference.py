@@ -173,7 +173,7 @@ class Classifier:
         if not found:
             return [(Prediction(name, faces=0), None)]
         return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
-                 self.model.inputs(image, face, box, pixels()))
+                 self.model.inputs(image, face, box, pixels))
                 for k, (face, box) in enumerate(found, start=1)]
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
