@@ -106,6 +106,38 @@ def bundled_classifier():
 
 
 @contextlib.contextmanager
+def serve_process(log: Path, *options: str):
+    """A real `facegender serve` process (with ``options``) on a free loopback port, its output in ``log``,
+    answering /healthz: yields (base URL, the process); terminated on the way out."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), *options],
+                                  stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                        assert r.status == 200
+                    break
+                except OSError:
+                    assert server.poll() is None and time.time() < deadline, log.read_text()
+                    time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}", server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@contextlib.contextmanager
 def serving(app):
     """``app`` on a real uvicorn on a free loopback port: yields the server, its base URL in ``server.url``."""
     import threading

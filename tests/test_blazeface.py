@@ -7,12 +7,19 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import shared
+from conftest import serve_process, shared
 from PIL import Image
 
 from facegender import blazeface
 from facegender.blazeface import BlazeFace, anchors, letterbox
-from facegender.detect import DEFAULT_DETECTOR, DETECTORS, FACE_AT_INPUT, MAX_SIDE, PASS_RATIO, FaceDetector
+from facegender.detect import (
+    DEFAULT_DETECTOR,
+    DETECTORS,
+    FACE_AT_INPUT,
+    MAX_SIDE,
+    PASS_RATIO,
+    FaceDetector,
+)
 from facegender.io import UserError
 
 
@@ -130,7 +137,7 @@ def test_the_callers_array_of_a_photo_gives_the_faces_and_chips_of_the_photo(det
     photo = Image.fromarray(skimage_data.astronaut())
     for image in (photo, turned(photo, 30)):  # landmarks read the array upright, through a warp turned
         for detector in detectors.values():
-            assert detector.detect(image, lambda: np.asarray(image)) == detector.detect(image)
+            assert detector.detect(image, lambda image=image: np.asarray(image)) == detector.detect(image)
     assert len(detectors["blazeface"].detect(turned(photo, 30))) == 1
     ((stub, cut),) = bundled_classifier.faces("astronaut", photo)
     ((face, _),) = detect_faces(photo, bundled_classifier.detector)
@@ -280,38 +287,17 @@ def test_a_server_started_with_min_face_detects_with_it(tmp_path):
     below what it looks for."""
     import base64
     import json
-    import socket
-    import subprocess
-    import time
     import urllib.request
 
     pytest.importorskip("fastapi", reason="the serving extra (fastapi) is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     canvas, places = small_faces(3, 48)
     photo = tmp_path / "small.png"
     canvas.save(photo)
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "facegender.cli", "serve", "--port", str(port), "--min-face", "200"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.1)
+    with serve_process(tmp_path / "serve.log", "--min-face", "200") as (url, _):
         body = json.dumps({"image": base64.b64encode(photo.read_bytes()).decode()}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{url}/v1/predict", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             assert json.loads(r.read())["faces"] == 0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
     assert len(FaceDetector().detect(canvas)) == len(places)  # what the default finds in the same picture
 
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serve_process, shared
 
-from conftest import shared
 from facegender.inference import BUNDLED_MODELS
 
 HEAVY = ("torch", "torchvision", "sklearn", "scipy", "matplotlib")
@@ -67,43 +65,19 @@ def test_the_python_api_never_imports_torch():
     assert label in ("female", "male") and 0 <= float(p_male) <= 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_never_loads_torch(tmp_path):
     """A real `facegender serve` process answers a prediction; its memory map shows no PyTorch library."""
     pytest.importorskip("fastapi", reason="the serving extra (fastapi) is not installed")
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "facegender.cli", "serve", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.1)
+    with serve_process(tmp_path / "serve.log") as (url, server):
         photo = real_photos(1)[0]
         body = json.dumps({"image": __import__("base64").b64encode(photo.read_bytes()).decode()}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", body,
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{url}/v1/predict", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             answer = json.loads(r.read())
         assert answer["predictions"][0]["label"] in ("female", "male")
         maps = Path(f"/proc/{server.pid}/maps").read_text()
         for library in ("libtorch", "/torch/", "/torchvision/", "/sklearn/", "/scipy/", "/matplotlib/"):
             assert library not in maps, f"the server loaded {library}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.needs_eval
