@@ -125,6 +125,26 @@ def test_batches_give_the_descriptors_of_single_chips(net, real_chips):
     assert net.name == "dlibnet-fp32"
 
 
+def test_the_shipped_graph_is_the_exported_network_kept_in_channel_blocks(real_chips):
+    """The shipped ONNX graph against the network as the exporter writes it, both on onnxruntime: the same
+    descriptors of real faces up to float32 rounding, with no Pad and no normalisation before the first
+    convolution left in it (onnxruntime would leave its blocked layout there)."""
+    import onnx
+    import onnxruntime as ort
+
+    from facegender.onnx_export import descriptor_network_graph
+    from facegender.onnx_model import DESCRIPTOR_NETWORK
+
+    shipped = onnx.load(str(DESCRIPTOR_NETWORK))
+    assert not {n.op_type for n in shipped.graph.node} & {"Pad", "Sub", "Div"}
+    assert [n.op_type for n in shipped.graph.node][:3] == ["Transpose", "Cast", "Conv"]
+    run = lambda graph: ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        ["descriptor"], {"chips": real_chips})[0]
+    exported, ours = run(descriptor_network_graph(blocked=False)), run(DESCRIPTOR_NETWORK.read_bytes())
+    assert np.abs(ours - exported).max() <= 1e-5
+    assert cosines(ours, exported).min() >= 0.99999
+
+
 def test_chip_from_box_and_points_is_dlibs_chip(astronaut_chip):
     """full_object_detection rebuilt from a (float, right-exclusive) box and 5 points cuts dlib's own chip."""
     rgb = skimage.data.astronaut()
