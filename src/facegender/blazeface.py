@@ -118,13 +118,23 @@ def letterbox(image: Image.Image, side: int) -> tuple[np.ndarray, float]:
     w, h = image.size
     k = side / max(w, h)
     size = (max(1, round(w * k)), max(1, round(h * k)))
-    small = image if size == image.size else image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+    small = image if size == image.size else shrunk(image, size)
     height, width = (-(-n // MULTIPLE) * MULTIPLE for n in (size[1], size[0]))
     tensor = np.zeros((1, 3, height, width), np.float32)
     tensor[0, :, :size[1], :size[0]] = np.asarray(small).transpose(2, 0, 1)
     tensor *= 1 / 127.5  # in place, padding included: black is -1
     tensor -= 1.0
     return tensor, k
+
+
+def shrunk(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` resized to ``size``: by a box average of f x f pixels where it is exactly f times as large
+    (the 128 px pass over a 640x480 photo reads the 384 px pass's copy: a third of its sides), which costs
+    a fifth of the bilinear filter; bilinear otherwise."""
+    f = image.width // size[0]
+    if f >= 2 and image.size == (f * size[0], f * size[1]):
+        return image.reduce(f)
+    return image.resize(size, Image.BILINEAR, reducing_gap=3.0)
 
 
 def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarray, k: float,
