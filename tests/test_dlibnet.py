@@ -138,7 +138,7 @@ def test_the_shipped_graph_is_the_exported_network_kept_in_channel_blocks(real_c
     shipped = onnx.load(str(DESCRIPTOR_NETWORK))
     assert not {n.op_type for n in shipped.graph.node} & {"Pad", "Sub", "Div"}
     assert [n.op_type for n in shipped.graph.node][:3] == ["Transpose", "Cast", "Conv"]
-    run = lambda graph: ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(  # noqa: E731
+    run = lambda graph: ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(
         ["descriptor"], {"chips": real_chips})[0]
     exported, ours = run(descriptor_network_graph(blocked=False)), run(DESCRIPTOR_NETWORK.read_bytes())
     assert np.abs(ours - exported).max() <= 1e-5

@@ -275,7 +275,7 @@ def in_channel_blocks(proto):
 
     graph = proto.graph
     initializers = {i.name: i for i in graph.initializer}
-    constant = lambda name: numpy_helper.to_array(initializers[name])  # noqa: E731
+    constant = lambda name: numpy_helper.to_array(initializers[name])
 
     def put(name: str, value: np.ndarray) -> None:
         if name in initializers:
@@ -284,7 +284,7 @@ def in_channel_blocks(proto):
         graph.initializer.append(initializers[name])
 
     producer = {out: node for node in graph.node for out in node.output}
-    consumers = lambda name: [n for n in graph.node if name in n.input]  # noqa: E731
+    consumers = lambda name: [n for n in graph.node if name in n.input]
     stem = next(n for n in graph.node if n.op_type == "Conv")
     div = producer[stem.input[0]]
     sub = producer[div.input[0]]
