@@ -198,7 +198,8 @@ def test_anchors_follow_the_input_size():
 
 @pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
 def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks(network):
-    """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout."""
+    """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout, and
+    declares the maps' sizes so that it fuses every residual Add (BlazeFace's sized sessions count on it)."""
     onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
     from onnx import numpy_helper
 
@@ -210,6 +211,30 @@ def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks
     assert len(inner) > 30 and len(convs) - len(inner) in (2, 4)  # the score and box outputs per anchor grid
     assert all(kernels[n.input[1]][0] % 16 == 0 for n in inner), "an inner layer's width is not a whole block"
     assert not any(n.op_type == "Pad" for n in graph.node)  # the shortcuts' channel pads are gone
+    # every map's size is declared as a fraction of the input's, the same for both sides of each residual Add
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert adds and all(declared.get(a) is not None and declared.get(a) == declared.get(b) for a, b in (n.input for n in adds))
+    assert declared.get(convs[0].output[0], [])[2:] == ["height/2", "width/2"]
+
+
+def test_a_size_used_again_gets_a_session_of_its_own_that_answers_exactly_as_the_shared_one(monkeypatch):
+    """On real faces at the passes' sizes, the session made for one input size gives the shared session's
+    outputs to the bit (so which one ran never changes an answer); sizes get their own from their second
+    use, and no more than SHAPES_KEPT do."""
+    net = BlazeFace("short")
+    for image, side in zip(portraits(3), (128, 384, 256)):
+        tensor, _ = letterbox(image, side)
+        size = tensor.shape[2:]
+        shared_session = net.session(*size)
+        own = net.session(*size)
+        assert own is not shared_session and net.session(*size) is own
+        for mine, theirs in zip(own.run(None, {"input": tensor}), shared_session.run(None, {"input": tensor})):
+            assert np.array_equal(mine, theirs)
+    assert len(net._sized) == 3
+    monkeypatch.setattr(blazeface, "SHAPES_KEPT", 3)
+    twice = [net.session(64, 96) for _ in range(2)]
+    assert twice[0] is twice[1] is net._any_size and (64, 96) not in net._sized
 
 
 def test_letterbox_keeps_the_aspect_and_pads_to_multiples_of_32():

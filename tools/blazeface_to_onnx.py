@@ -42,6 +42,7 @@ TOLERANCE = {"regressors": 2e-2, "scores": 1e-2}
 # went in and out of that layout around most layers. Widened to multiples of this with zero weights, it
 # stays in it (channels_in_blocks).
 CHANNEL_BLOCK = 16
+MULTIPLE = 32  # the graphs take inputs whose sides are multiples of this (facegender.blazeface.MULTIPLE)
 
 
 def fetch_tflite(work: Path) -> dict[str, Path]:
@@ -196,6 +197,46 @@ def channels_in_blocks(path: Path, block: int = CHANNEL_BLOCK) -> None:
     onnx.save(model, str(path))
 
 
+def symbolic_shapes(path: Path) -> None:
+    """Declare every inner 4-D tensor's shape as (batch, channels, height/s, width/s), s its stride.
+
+    For the inputs it is given (sides multiples of 32, the deepest stride) each map is exactly 1/s of the
+    input. onnxruntime cannot tell that from unknown sizes: in the downsampling blocks it could not prove the
+    max-pooled shortcut and the strided convolution the same size, so it left their Add and ReLU apart from
+    the convolution. With matching names it fuses them, and a session made for one input size (blazeface.py)
+    computes exactly what the size-free session does.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    known = {graph.input[0].name: (1, 3)}  # tensor -> (stride, channels)
+    del graph.value_info[:]
+    for node in graph.node:
+        if node.input[0] not in known:
+            continue  # past the maps: the outputs' Transpose and Reshape
+        stride, channels = known[node.input[0]]
+        if node.op_type in ("Conv", "MaxPool"):
+            step = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
+            if step[0] != step[1]:
+                raise SystemExit(f"{path.name}: {node.name}: strides {step}")
+            stride *= step[0]
+            channels = weights[node.input[1]].shape[0] if node.op_type == "Conv" else channels
+        elif node.op_type == "Resize":
+            stride //= 2  # any_size made every resize a doubling
+        elif node.op_type not in ("Relu", "Add", "Identity"):
+            continue
+        if MULTIPLE % stride:
+            raise SystemExit(f"{path.name}: {node.name}: stride {stride} does not divide {MULTIPLE}")
+        known[node.output[0]] = (stride, channels)
+        graph.value_info.append(helper.make_tensor_value_info(
+            node.output[0], onnx.TensorProto.FLOAT, ["batch", channels, f"height/{stride}", f"width/{stride}"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def check(tflite: Path, onnx_path: Path, faces: list[np.ndarray]) -> None:
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
@@ -236,6 +277,7 @@ def main() -> None:
                            env={"PATH": str(Path(sys.executable).parent)})
             any_size(out)
             channels_in_blocks(out)
+            symbolic_shapes(out)
             check(tflite, out, faces)
             partial = WEIGHTS / f"{out.name}.partial"  # written beside its target, then renamed: never half a file
             partial.write_bytes(out.read_bytes())
