@@ -5,7 +5,7 @@ import collections
 import functools
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -45,7 +45,8 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # every field is a number, a string, None or a tuple of floats: nothing for asdict's deep copy to do
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Classifier:
