@@ -1,11 +1,11 @@
-"""BlazeFace's two kinds of session side by side: the one that takes every input size, and one made for a
-single size (onnxruntime's free-dimension overrides, as ``facegender.blazeface`` makes for a size used
-again).
+"""BlazeFace on onnxruntime, two kinds of session side by side: the one the detector runs, which takes every
+input size, and one made for a single size (onnxruntime's free-dimension overrides), which the detector
+does not make (``facegender.blazeface.BlazeFace`` says why).
 
 For each network and input size (the passes of 640x480, 250 px, 1280x960 and portrait photos), on one
 thread, the two take turns on the same real photos (SCUT-FBP5500 portraits pasted into CelebA backgrounds,
-letterboxed as the detector does): ms per pass, the ratio, the largest difference between their outputs
-(zero: ``blazeface.py`` counts on it), and what making the sized session cost. Usage:
+letterboxed as the detector does): ms per pass, the ratio, the largest difference between their outputs,
+and what making the sized session cost. Usage:
     python benchmarks/blazeface_shapes.py [--repeats 40]
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ import random
 import time
 
 import numpy as np
+import onnxruntime as ort
 from common import SHARED
 from PIL import Image
 
-from facegender.blazeface import BlazeFace, letterbox
+from facegender.blazeface import NETWORKS, WEIGHTS, letterbox
 
 SIZES = {  # network -> photo size -> the passes' input sides (the detector's own, for the default min_face)
     "short": {"640x480": (128, 384), "1280x960": (128, 320, 768), "480x640": (384,), "250x250": (128,)},
@@ -41,6 +42,17 @@ def photos(n: int, size: tuple[int, int], rng: random.Random) -> list[Image.Imag
         canvas.paste(face.resize((side, side)), (rng.randrange(size[0] - side), rng.randrange(size[1] - side)))
         out.append(canvas)
     return out
+
+
+def session(network: str, size: tuple[int, int] | None = None):
+    """As ``BlazeFace`` makes its session; with ``size``, made for inputs of that height and width only."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if size is not None:
+        for name, n in (("batch", 1), ("height", size[0]), ("width", size[1])):
+            options.add_free_dimension_override_by_name(name, n)
+    return ort.InferenceSession(str(WEIGHTS / NETWORKS[network].file), options, providers=["CPUExecutionProvider"])
 
 
 def ms_per_run(session, tensors: list[np.ndarray], repeats: int) -> float:
@@ -66,10 +78,9 @@ def main() -> None:
             for side in sides:
                 tensors = [letterbox(image, side)[0] for image in images]
                 height, width = tensors[0].shape[2:]
-                net = BlazeFace(network)
-                shared = net.session(height, width)  # the first use of a size: the session for every size
+                shared = session(network)
                 start = time.perf_counter()
-                own = net.session(height, width)  # the second: its own, made now
+                own = session(network, (height, width))
                 made = (time.perf_counter() - start) * 1000
                 diff = max(float(np.abs(a - b).max()) for t in tensors
                            for a, b in zip(shared.run(None, {"input": t}), own.run(None, {"input": t})))

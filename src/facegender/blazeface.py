@@ -47,8 +47,6 @@ MIN_SCORE = 0.5  # MediaPipe's
 MULTIPLE = 32  # input sides are rounded up to this (the deepest stride: padding stays as at training size)
 NMS_IOU = 0.3  # MediaPipe's suppression overlap
 RAW_SCORE_LIMIT = 80.0  # MediaPipe clips logits to this before the sigmoid
-SHAPES_KEPT = 12  # input sizes with a session of their own, per network (BlazeFace)
-SEEN_KEPT = 4096  # input sizes remembered as used once, per network
 
 # The six keypoints, in the networks' order; "left"/"right" are the person's, so on an upright face
 # RIGHT_EYE is nearer the image's left edge.
@@ -74,16 +72,11 @@ def anchors(network: str, height: int, width: int) -> np.ndarray:
 
 
 class BlazeFace:
-    """One BlazeFace network. Cheap to construct; the graph loads on first use. Its sessions serve every
-    thread (onnxruntime's ``run`` may be called concurrently), each run on one core.
-
-    One session takes every input size; an input size used again gets a session of its own, made for it
-    with onnxruntime's free-dimension overrides, for the first SHAPES_KEPT sizes that are (the sizes of a
-    photo collection's few formats, not every size of a scraped one, whose sessions would be made and
-    dropped). Knowing the sizes, onnxruntime plans its buffers and adds the residual shortcuts in place:
-    a 384 x 288 pass took 5.2 ms against 6.2 (``benchmarks/blazeface_shapes.py``, one core). Both compute
-    the same numbers (the graphs declare every map's size as a fraction of the input's: see
-    tools/blazeface_to_onnx.py), so which one ran never changes an answer. Making one costs 6-20 ms."""
+    """One BlazeFace network. Cheap to construct; the graph loads on first use and one session serves
+    every thread (onnxruntime's ``run`` may be called concurrently), each run on one core, whatever the
+    input's size. (A session made for one size, by onnxruntime's free-dimension overrides, ran a 384 x 288
+    pass 1.15x faster, and a 640x480 photo 1.03x, but each keeps 2-3 MB and its own buffers, and a server
+    sees every size: ``benchmarks/blazeface_shapes.py``.)"""
 
     def __init__(self, network: str = "short", min_score: float | None = None):
         if network not in NETWORKS:
@@ -91,52 +84,32 @@ class BlazeFace:
         self.network = network
         self.spec = NETWORKS[network]
         self.min_score = self.spec.min_score if min_score is None else min_score
-        self._graph: bytes | None = None
-        self._any_size = None  # the session for every input size
-        self._sized: dict[tuple[int, int], object] = {}  # (height, width) -> its own session
-        self._seen: set[tuple[int, int]] = set()  # sizes used once (at most SEEN_KEPT)
+        self._session = None
         self._lock = threading.Lock()
 
-    def session(self, height: int, width: int):
-        """The session to run an input of ``height`` x ``width`` (multiples of 32) with."""
-        size = (height, width)
+    def session(self):
         with self._lock:
-            if size in self._sized:
-                return self._sized[size]
-            if size in self._seen and len(self._sized) < SHAPES_KEPT:
-                self._sized[size] = self._session(size)
-                return self._sized[size]
-            if len(self._seen) < SEEN_KEPT:
-                self._seen.add(size)
-            if self._any_size is None:
-                self._any_size = self._session(None)
-            return self._any_size
-
-    def _session(self, size: tuple[int, int] | None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UserError(f"the BlazeFace detector runs on onnxruntime: {INSTALL_HINT}") from None
-        if self._graph is None:
-            path = WEIGHTS / self.spec.file
-            if not path.is_file():
-                raise UserError(f"{path} is missing from this install: reinstall facegender")
-            self._graph = path.read_bytes()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # parallelism comes from detecting several photos at once
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if size is not None:
-            for name, n in (("batch", 1), ("height", size[0]), ("width", size[1])):
-                options.add_free_dimension_override_by_name(name, n)
-        return ort.InferenceSession(self._graph, options, providers=["CPUExecutionProvider"])
+            if self._session is None:
+                try:
+                    import onnxruntime as ort
+                except ImportError:
+                    raise UserError(f"the BlazeFace detector runs on onnxruntime: {INSTALL_HINT}") from None
+                path = WEIGHTS / self.spec.file
+                if not path.is_file():
+                    raise UserError(f"{path} is missing from this install: reinstall facegender")
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = 1  # parallelism comes from detecting several photos at once
+                options.inter_op_num_threads = 1
+                options.log_severity_level = 3
+                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return self._session
 
     def detect(self, image: Image.Image, side: int | None = None, min_score: float | None = None) -> list[Detection]:
         """Faces in ``image`` (RGB) scoring above ``min_score`` (default: this detector's), best first, with
         the image resized so that its longer side is ``side`` (default: the network's own) and letterboxed
         to multiples of 32."""
         tensor, k = letterbox(image, side or self.spec.side)
-        raw_boxes, raw_scores = self.session(*tensor.shape[2:]).run(None, {"input": tensor})
+        raw_boxes, raw_scores = self.session().run(None, {"input": tensor})
         return decode(raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k,
                       self.min_score if min_score is None else min_score)
 
