@@ -3,7 +3,8 @@
 dlib computes one chip at a time (``compute_face_descriptor(chip)``, what most users call) or a list
 (its batch overload); ``DescriptorNet`` runs at batch 1 and at a large batch, in fp32 and bf16, and so
 does the graph ``facegender export`` writes of the default model on onnxruntime in fp32 (``--int8 FILE``:
-also an int8 graph made by ``export --int8``). The
+also an int8 graph made by ``export --int8``; ``--as-exported``: also dlib's network graph as the exporter
+writes it, before ``onnx_export.in_channel_blocks``). The
 chips are real faces: dlib's own 150x150 chips of UTKFace images (scikit-image's astronaut, flipped
 and shifted, where UTKFace is absent). The configurations take turns for ``--rounds`` rounds and each
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0: torch's default)")
     parser.add_argument("--int8", metavar="ONNX", help="an int8 descriptor graph (facegender export --int8) to time too")
+    parser.add_argument("--as-exported", action="store_true",
+                        help="also time dlib's network as the exporter writes it, before onnx_export.in_channel_blocks")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +79,12 @@ def main() -> None:
     reference = dlib.face_recognition_model_v1(str(packaged_model(MODEL_FILE)))
     nets = {p: DescriptorNet.from_dat(device="cpu", precision=p) for p in ("fp32", "bf16")}
     graphs = {"fp32": Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor}
+    if args.as_exported:
+        from facegender.onnx_export import descriptor_network_graph
+        from facegender.onnx_model import DescriptorGraph, session
+
+        exported = session(descriptor_network_graph(blocked=False), args.threads or None, "the exported graph")
+        graphs["fp32 exported"] = DescriptorGraph(exported, "as-exported")
     if args.int8:
         graphs["int8"] = Classifier.from_checkpoint(args.int8, backend="onnxruntime", detect=False).model.extractor
     truth = np.array([np.array(reference.compute_face_descriptor(c)) for c in chips])
