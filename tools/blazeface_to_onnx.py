@@ -203,8 +203,8 @@ def symbolic_shapes(path: Path) -> None:
     For the inputs it is given (sides multiples of 32, the deepest stride) each map is exactly 1/s of the
     input. onnxruntime cannot tell that from unknown sizes: in the downsampling blocks it could not prove the
     max-pooled shortcut and the strided convolution the same size, so it left their Add and ReLU apart from
-    the convolution. With matching names it fuses them, and a session made for one input size (blazeface.py)
-    computes exactly what the size-free session does.
+    the convolution. With matching names it fuses them (and a session made for one input size, which
+    benchmarks/blazeface_shapes.py times, computes exactly what the size-free one does).
     """
     import onnx
     from onnx import helper, numpy_helper

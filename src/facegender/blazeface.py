@@ -75,7 +75,7 @@ class BlazeFace:
     """One BlazeFace network. Cheap to construct; the graph loads on first use and one session serves
     every thread (onnxruntime's ``run`` may be called concurrently), each run on one core, whatever the
     input's size. (A session made for one size, by onnxruntime's free-dimension overrides, ran a 384 x 288
-    pass 1.15x faster, and a 640x480 photo 1.03x, but each keeps 2-3 MB and its own buffers, and a server
+    pass 1.16x faster, and a 640x480 photo 1.03x, but each keeps 2-3 MB and its own buffers, and a server
     sees every size: ``benchmarks/blazeface_shapes.py``.)"""
 
     def __init__(self, network: str = "short", min_score: float | None = None):
