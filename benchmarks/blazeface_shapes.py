@@ -23,7 +23,7 @@ import onnxruntime as ort
 from common import SHARED
 from PIL import Image
 
-from facegender.blazeface import NETWORKS, WEIGHTS, letterbox
+from facegender.blazeface import NETWORKS, WEIGHTS, BlazeFace, letterbox
 
 SIZES = {  # network -> photo size -> the passes' input sides (the detector's own, for the default min_face)
     "short": {"640x480": (128, 384), "1280x960": (128, 320, 768), "480x640": (384,), "250x250": (128,)},
@@ -44,14 +44,13 @@ def photos(n: int, size: tuple[int, int], rng: random.Random) -> list[Image.Imag
     return out
 
 
-def session(network: str, size: tuple[int, int] | None = None):
-    """As ``BlazeFace`` makes its session; with ``size``, made for inputs of that height and width only."""
+def sized_session(network: str, height: int, width: int):
+    """A session of the network made for inputs of ``height`` x ``width`` only, otherwise as ``BlazeFace``'s."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if size is not None:
-        for name, n in (("batch", 1), ("height", size[0]), ("width", size[1])):
-            options.add_free_dimension_override_by_name(name, n)
+    for name, n in (("batch", 1), ("height", height), ("width", width)):
+        options.add_free_dimension_override_by_name(name, n)
     return ort.InferenceSession(str(WEIGHTS / NETWORKS[network].file), options, providers=["CPUExecutionProvider"])
 
 
@@ -78,9 +77,9 @@ def main() -> None:
             for side in sides:
                 tensors = [letterbox(image, side)[0] for image in images]
                 height, width = tensors[0].shape[2:]
-                shared = session(network)
+                shared = BlazeFace(network).session()  # the detector's own
                 start = time.perf_counter()
-                own = session(network, (height, width))
+                own = sized_session(network, height, width)
                 made = (time.perf_counter() - start) * 1000
                 diff = max(float(np.abs(a - b).max()) for t in tensors
                            for a, b in zip(shared.run(None, {"input": t}), own.run(None, {"input": t})))

@@ -199,7 +199,7 @@ def test_anchors_follow_the_input_size():
 @pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
 def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks(network):
     """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout, and
-    declares the maps' sizes so that it fuses every residual Add (BlazeFace's sized sessions count on it)."""
+    declares the maps' sizes so that it fuses every residual Add into its convolution."""
     onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
     from onnx import numpy_helper
 
