@@ -1,6 +1,6 @@
-"""BlazeFace on onnxruntime, two kinds of session side by side: the one the detector runs, which takes every
-input size, and one made for a single size (onnxruntime's free-dimension overrides), which the detector
-does not make (``facegender.blazeface.BlazeFace`` says why).
+"""BlazeFace on onnxruntime, two kinds of session side by side: the one that takes every input size, and one
+made for a single size (onnxruntime's free-dimension overrides), which the detector runs for the first few
+large sizes it sees again (``facegender.blazeface.BlazeFace``).
 
 For each network and input size (the passes of 640x480, 250 px, 1280x960 and portrait photos), on one
 thread, the two take turns on the same real photos (SCUT-FBP5500 portraits pasted into CelebA backgrounds,
@@ -19,11 +19,10 @@ import random
 import time
 
 import numpy as np
-import onnxruntime as ort
 from common import SHARED
 from PIL import Image
 
-from facegender.blazeface import NETWORKS, WEIGHTS, BlazeFace, letterbox
+from facegender.blazeface import BlazeFace, letterbox
 
 SIZES = {  # network -> photo size -> the passes' input sides (the detector's own, for the default min_face)
     "short": {"640x480": (128, 384), "1280x960": (128, 320, 768), "480x640": (384,), "250x250": (128,)},
@@ -42,16 +41,6 @@ def photos(n: int, size: tuple[int, int], rng: random.Random) -> list[Image.Imag
         canvas.paste(face.resize((side, side)), (rng.randrange(size[0] - side), rng.randrange(size[1] - side)))
         out.append(canvas)
     return out
-
-
-def sized_session(network: str, height: int, width: int):
-    """A session of the network made for inputs of ``height`` x ``width`` only, otherwise as ``BlazeFace``'s."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    for name, n in (("batch", 1), ("height", height), ("width", width)):
-        options.add_free_dimension_override_by_name(name, n)
-    return ort.InferenceSession(str(WEIGHTS / NETWORKS[network].file), options, providers=["CPUExecutionProvider"])
 
 
 def ms_per_run(session, tensors: list[np.ndarray], repeats: int) -> float:
@@ -77,9 +66,10 @@ def main() -> None:
             for side in sides:
                 tensors = [letterbox(image, side)[0] for image in images]
                 height, width = tensors[0].shape[2:]
-                shared = BlazeFace(network).session()  # the detector's own
+                detector = BlazeFace(network)
+                shared = detector.session()  # for every size
                 start = time.perf_counter()
-                own = sized_session(network, height, width)
+                own = detector.new_session((height, width))
                 made = (time.perf_counter() - start) * 1000
                 diff = max(float(np.abs(a - b).max()) for t in tensors
                            for a, b in zip(shared.run(None, {"input": t}), own.run(None, {"input": t})))

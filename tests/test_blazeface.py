@@ -240,6 +240,40 @@ def test_the_declared_map_sizes_hold_at_every_input_size(network):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_a_large_size_seen_again_gets_a_session_of_its_own_that_finds_the_same_faces():
+    """The first SIZED_SESSIONS large sizes seen SIZED_AFTER times run on sessions made for them, which give
+    the any-size session's outputs; small sizes, and large ones beyond the first few, keep sharing it."""
+    detector = BlazeFace("short")
+    shared_session = detector.session()
+    images = portraits(3)
+    large = [(384, 288), (288, 384), (320, 320), (416, 416)]
+    assert all(h * w >= blazeface.SIZED_MIN_PIXELS for h, w in large) and len(large) > blazeface.SIZED_SESSIONS
+    for (h, w), image in zip(large, images * 2):
+        photo = image.resize((w, h))
+        tensor = letterbox(photo, max(h, w))[0]
+        assert tensor.shape[2:] == (h, w)
+        before = [detector.session((h, w)) for _ in range(blazeface.SIZED_AFTER - 1)]
+        own = detector.session((h, w))
+        assert all(s is shared_session for s in before)
+        if own is not shared_session:
+            assert detector.session((h, w)) is own  # kept
+            for a, b in zip(own.run(None, {"input": tensor}), shared_session.run(None, {"input": tensor})):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert len(detector._sized) == blazeface.SIZED_SESSIONS
+    assert set(detector._sized) == set(large[:blazeface.SIZED_SESSIONS])
+    assert all(detector.session((96, 128)) is shared_session for _ in range(blazeface.SIZED_AFTER + 1))
+    # and the faces found through them are those found through the shared session
+    photo = images[0].resize((384, 384))  # a portrait whose face the network finds at a 384 px input too
+    fresh = BlazeFace("short")
+    first = fresh.detect(photo, 384)  # the shared session
+    assert fresh.session((384, 384)) is not fresh.session()  # earned its own on the second sighting
+    again = fresh.detect(photo, 384)
+    assert len(first) == len(again) >= 1
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
 def test_letterbox_keeps_the_aspect_and_pads_to_multiples_of_32():
     tensor, k = letterbox(Image.new("RGB", (300, 190), (255, 255, 255)), 192)  # resized to 192 x 122
     assert tensor.shape == (1, 3, 128, 192) and k == pytest.approx(192 / 300)

@@ -13,7 +13,9 @@ image's pixels after MediaPipe's weighted non-maximum suppression.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -71,12 +73,25 @@ def anchors(network: str, height: int, width: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
+# onnxruntime plans a run at a size it knows in advance better than one at any size: only then may a residual
+# block's convolution write its output over its shortcut's buffer instead of copying that first, which costs
+# most on the large maps of a large input (a sized session ran a 384 x 288 pass 1.16x faster, a 128 x 96 one
+# about as fast: benchmarks/blazeface_shapes.py). So an input of at least this many pixels seen this many
+# times gets a session of its own, up to this many sizes: the first to earn one keep it (a server sees every
+# size, and replacing sessions would cost more than it saves).
+SIZED_MIN_PIXELS = 256 * 256
+SIZED_AFTER = 2
+SIZED_SESSIONS = 2
+# the sizes counted towards SIZED_AFTER: forgotten when they are this many
+SIZES_COUNTED = 256
+
+
 class BlazeFace:
-    """One BlazeFace network. Cheap to construct; the graph loads on first use and one session serves
-    every thread (onnxruntime's ``run`` may be called concurrently), each run on one core, whatever the
-    input's size. (A session made for one size, by onnxruntime's free-dimension overrides, ran a 384 x 288
-    pass 1.16x faster, and a 640x480 photo 1.03x, but each keeps 2-3 MB and its own buffers, and a server
-    sees every size: ``benchmarks/blazeface_shapes.py``.)"""
+    """One BlazeFace network. Cheap to construct; the graphs load on first use and one session serves every
+    thread (onnxruntime's ``run`` may be called concurrently), each run on one core: a session for any input
+    size, and one for each of the first SIZED_SESSIONS large sizes seen SIZED_AFTER times. Every session
+    draws its working memory from one arena shared by the process (``shared_arena``): a sized session costs
+    about 1-2 MB, not the buffers of an arena of its own."""
 
     def __init__(self, network: str = "short", min_score: float | None = None):
         if network not in NETWORKS:
@@ -85,33 +100,75 @@ class BlazeFace:
         self.spec = NETWORKS[network]
         self.min_score = self.spec.min_score if min_score is None else min_score
         self._session = None
+        self._sized: dict[tuple[int, int], object] = {}  # (height, width) -> its own session
+        self._seen: Counter[tuple[int, int]] = Counter()
         self._lock = threading.Lock()
 
-    def session(self):
+    def session(self, size: tuple[int, int] | None = None):
+        """The session for inputs of ``size`` (height, width): its own where it has one (or has now earned
+        one), otherwise the one for every size."""
         with self._lock:
             if self._session is None:
-                try:
-                    import onnxruntime as ort
-                except ImportError:
-                    raise UserError(f"the BlazeFace detector runs on onnxruntime: {INSTALL_HINT}") from None
-                path = WEIGHTS / self.spec.file
-                if not path.is_file():
-                    raise UserError(f"{path} is missing from this install: reinstall facegender")
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = 1  # parallelism comes from detecting several photos at once
-                options.inter_op_num_threads = 1
-                options.log_severity_level = 3
-                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return self._session
+                self._session = self.new_session()
+            if size is None or size[0] * size[1] < SIZED_MIN_PIXELS:
+                return self._session
+            if size in self._sized:
+                return self._sized[size]
+            if len(self._sized) >= SIZED_SESSIONS:
+                return self._session
+            if len(self._seen) >= SIZES_COUNTED:
+                self._seen.clear()
+            self._seen[size] += 1
+            if self._seen[size] < SIZED_AFTER:
+                return self._session
+            self._sized[size] = self.new_session(size)
+            return self._sized[size]
+
+    def new_session(self, size: tuple[int, int] | None = None):
+        """A new onnxruntime session of the network: for inputs of ``size`` (height, width) only, where given."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"the BlazeFace detector runs on onnxruntime: {INSTALL_HINT}") from None
+        path = WEIGHTS / self.spec.file
+        if not path.is_file():
+            raise UserError(f"{path} is missing from this install: reinstall facegender")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # parallelism comes from detecting several photos at once
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        shared_arena(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        if size is not None:
+            # the speed is in the plan, not in the memory pattern (which would hold a block of its own)
+            options.enable_mem_pattern = False
+            for name, n in (("batch", 1), ("height", size[0]), ("width", size[1])):
+                options.add_free_dimension_override_by_name(name, n)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def detect(self, image: Image.Image, side: int | None = None, min_score: float | None = None) -> list[Detection]:
         """Faces in ``image`` (RGB) scoring above ``min_score`` (default: this detector's), best first, with
         the image resized so that its longer side is ``side`` (default: the network's own) and letterboxed
         to multiples of 32."""
         tensor, k = letterbox(image, side or self.spec.side)
-        raw_boxes, raw_scores = self.session().run(None, {"input": tensor})
+        raw_boxes, raw_scores = self.session(tensor.shape[2:]).run(None, {"input": tensor})
         return decode(raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k,
                       self.min_score if min_score is None else min_score)
+
+
+_ARENA_LOCK = threading.Lock()
+_ARENA: list[bool] = []
+
+
+def shared_arena(ort) -> None:
+    """Register, once per process, a CPU arena in onnxruntime's environment, which the sessions that ask
+    for it (``session.use_env_allocators``) share. Where one is registered already, they share that one."""
+    with _ARENA_LOCK:
+        if not _ARENA:
+            _ARENA.append(True)
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            with contextlib.suppress(Exception):  # onnxruntime's own Fail: "already registered"
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def letterbox(image: Image.Image, side: int) -> tuple[np.ndarray, float]:
