@@ -240,7 +240,9 @@ class FaceDetector:
         base, k = rgb, 1.0  # the copy every pass reads, and its scale
         if len(sides) > 1 and not small:
             k = sides[-1] / longer
-            base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BILINEAR)
+            # a box filter: 0.6 ms less than the bilinear one on a 640x480 photo, and it found more small faces
+            # (benchmarks/detectors.py --images 800: 32-47 px 82.5% against 81.8, composites 91.5 against 90.5)
+            base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BOX)
         found = [[(_scaled_detection(d, k), "short") for d in short.detect(base)]]
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
         if not (small and found[0]):
