@@ -75,8 +75,8 @@ def anchors(network: str, height: int, width: int) -> np.ndarray:
 
 # onnxruntime plans a run at a size it knows in advance better than one at any size: only then may a residual
 # block's convolution write its output over its shortcut's buffer instead of copying that first, which costs
-# most on the large maps of a large input (a sized session ran a 384 x 288 pass 1.16x faster, a 128 x 96 one
-# about as fast: benchmarks/blazeface_shapes.py). So an input of at least this many pixels seen this many
+# most on the large maps of a large input (a sized session ran a 384 x 288 pass 0.85 ms faster, 1.16x, and a
+# 128 x 96 one 0.05 ms: benchmarks/blazeface_shapes.py). So an input of at least this many pixels seen this many
 # times gets a session of its own, up to this many sizes: the first to earn one keep it (a server sees every
 # size, and replacing sessions would cost more than it saves).
 SIZED_MIN_PIXELS = 256 * 256
@@ -91,7 +91,7 @@ class BlazeFace:
     thread (onnxruntime's ``run`` may be called concurrently), each run on one core: a session for any input
     size, and one for each of the first SIZED_SESSIONS large sizes seen SIZED_AFTER times. Every session
     draws its working memory from one arena shared by the process (``shared_arena``): a sized session costs
-    about 1-2 MB, not the buffers of an arena of its own."""
+    a few MB (its graph and packed weights), not the buffers of an arena of its own."""
 
     def __init__(self, network: str = "short", min_score: float | None = None):
         if network not in NETWORKS:
@@ -162,7 +162,8 @@ _ARENA: list[bool] = []
 
 def shared_arena(ort) -> None:
     """Register, once per process, a CPU arena in onnxruntime's environment, which the sessions that ask
-    for it (``session.use_env_allocators``) share. Where one is registered already, they share that one."""
+    for it (``session.use_env_allocators``) share. Where one is registered already, they share that one;
+    where none can be, each session keeps an arena of its own, as without the option."""
     with _ARENA_LOCK:
         if not _ARENA:
             _ARENA.append(True)
