@@ -10,8 +10,8 @@ import pytest
 from conftest import serve_process, shared
 from PIL import Image
 
-from facegender import blazeface
-from facegender.blazeface import BlazeFace, anchors, letterbox
+from facegender import blazeface, detect
+from facegender.blazeface import BlazeFace, Detection, anchors, letterbox
 from facegender.detect import (
     DEFAULT_DETECTOR,
     DETECTORS,
@@ -153,6 +153,59 @@ def test_small_faces_are_found_by_the_larger_pass_that_min_face_asks_for():
     for (x, y), face in zip(sorted(places), sorted(found, key=lambda f: f.box[0])):
         assert x < (face.box[0] + face.box[2]) / 2 < x + 48 and y < (face.box[1] + face.box[3]) / 2 < y + 48
     assert one_pass.detect(canvas) == []  # 48 px in 640 is 10 px at 128: below what one pass sees
+
+
+def a_crowd_of_small_faces(side: int) -> tuple[Image.Image, list[tuple[int, int]]]:
+    """20 portraits pasted at ``side`` px (faces of about 0.6 x ``side``) in a 5 x 4 grid of a 640x480 canvas."""
+    canvas = Image.new("RGB", (640, 480), (110, 120, 100))
+    places = [(30 + i % 5 * 120, 30 + i // 5 * 120) for i in range(20)]
+    for face, place in zip(portraits(20), places):
+        canvas.paste(face.resize((side, side), Image.BICUBIC), place)
+    return canvas, places
+
+
+def found_at(faces, places, side: int) -> tuple[int, int]:
+    """How many of ``places`` hold a face's centre, and how many faces are elsewhere."""
+    centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in faces]
+    inside = [[x < cx < x + side and y < cy < y + side for x, y in places] for cx, cy in centres]
+    return sum(any(column) for column in zip(*inside)) if inside else 0, sum(not any(row) for row in inside)
+
+
+def test_faces_a_larger_pass_doubts_are_kept_where_a_second_look_sees_them(monkeypatch):
+    """Faces of about 24 px in a 640x480 photo score under 0.7 in the 384 px pass; the second look, at 96 px on
+    a window 2.2 times their size, keeps most of them and takes nothing else."""
+    canvas, places = a_crowd_of_small_faces(40)
+    detector = FaceDetector()
+    found, false = found_at(detector.detect(canvas), places, 40)
+    monkeypatch.setattr(detect, "DOUBTFUL_SCORE", detect.LARGER_PASS_MIN_SCORE)  # no second look
+    without, false_without = found_at(detector.detect(canvas), places, 40)
+    assert found >= 15 and false == false_without == 0
+    assert found >= without + 5  # 17 of 20 with it, 7 without, when measured
+
+
+def test_a_second_look_scores_small_faces_high_and_textures_low(detectors):
+    """Windows on real textures (coffee, a cat, bricks, grass) score under the bar, the small faces' over it."""
+    skimage_data = pytest.importorskip("skimage.data", reason="the texture photos come with scikit-image")
+    network = detectors["blazeface"]._networks["short"]
+
+    def look(image, boxes):
+        doubtful = [Detection(box, detect.DOUBTFUL_SCORE, np.zeros((6, 2))) for box in boxes]
+        return np.array(network.second_look(image, doubtful, detect.SECOND_LOOK_WINDOW, detect.SECOND_LOOK_SIDE))
+
+    for name in ("coffee", "chelsea", "brick", "grass"):
+        image = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+        boxes = [(x, y, x + side, y + side) for side in (24, 40)
+                 for y in range(0, image.height - side, side) for x in range(0, image.width - side, side)]
+        assert look(image, boxes).max() < detect.SECOND_LOOK_MIN_SCORE, name  # at most 0.59 when measured
+    side, faces = 34, portraits(20)
+    canvas, places = a_crowd_of_small_faces(side)
+    boxes = []
+    for face, (x, y) in zip(faces, places):  # each portrait's own face, shrunk with it: about 21 px
+        (seen,) = detectors["blazeface"].detect(face)
+        k = side / face.width
+        boxes.append((x + seen.box[0] * k, y + seen.box[1] * k, x + seen.box[2] * k, y + seen.box[3] * k))
+    assert (look(canvas, boxes) >= detect.SECOND_LOOK_MIN_SCORE).all()  # 0.85 and more when measured
+    assert look(canvas, []).size == 0
 
 
 @pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100])
