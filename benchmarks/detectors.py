@@ -16,8 +16,9 @@ knows where its faces are:
 
 A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
 and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
-thread. Detectors: the project's two (``FaceDetector``: landmarks included) and, for reference, BlazeFace's
-two networks run alone at their own input size (no landmarks, no second pass).
+thread. Detectors: the project's two (``FaceDetector``: landmarks included), the default without the second
+look at what its larger passes doubt (as it was before it), and, for reference, BlazeFace's two networks run
+alone at their own input size (no landmarks, no second pass).
 Usage:
     python benchmarks/detectors.py [--images 200] [--detectors hog blazeface ...]
 """
@@ -58,6 +59,22 @@ def facegender(kind: str, **options) -> Callable[[], Callable[[Image.Image], lis
     return make
 
 
+def without_second_look() -> Callable[[Image.Image], list[Box]]:
+    """The default detector as it was before the second look: what a larger pass scores under 0.7 is dropped."""
+    from facegender import detect
+
+    detector = detect.FaceDetector("blazeface")
+
+    def run(image: Image.Image) -> list[Box]:
+        doubtful, detect.DOUBTFUL_SCORE = detect.DOUBTFUL_SCORE, detect.LARGER_PASS_MIN_SCORE
+        try:
+            return [f.box for f in detector.detect(image)]
+        finally:
+            detect.DOUBTFUL_SCORE = doubtful
+
+    return run
+
+
 def network(name: str) -> Callable[[], Callable[[Image.Image], list[Box]]]:
     def make():
         from facegender.blazeface import BlazeFace
@@ -73,6 +90,7 @@ DETECTORS = {
     "blazeface": facegender("blazeface"),
     "blazeface min_face 32": facegender("blazeface", min_face=32),
     "blazeface min_face 48": facegender("blazeface", min_face=48),
+    "blazeface no second look": without_second_look,
     "net short 128": network("short"),
     "net full 192": network("full"),
 }
