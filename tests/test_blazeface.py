@@ -208,6 +208,20 @@ def test_a_second_look_scores_small_faces_high_and_textures_low(detectors):
     assert look(canvas, []).size == 0
 
 
+def test_a_second_look_scores_each_window_alone_however_many_share_a_run(detectors):
+    """More windows than one run takes go in several runs; each window's score is the one it gets alone."""
+    network = detectors["blazeface"]._networks["short"]
+    side = 34
+    canvas, places = a_crowd_of_small_faces(side)
+    boxes = [(x + dx, y + dy, x + dx + 0.6 * side, y + dy + 0.6 * side) for x, y in places for dx, dy in ((7, 9), (40, 60))]
+    doubtful = [Detection(box, detect.DOUBTFUL_SCORE, np.zeros((6, 2))) for box in boxes]
+    assert len(doubtful) > blazeface.SECOND_LOOK_BATCH * 2
+    together = network.second_look(canvas, doubtful, detect.SECOND_LOOK_WINDOW, detect.SECOND_LOOK_SIDE)
+    alone = [network.second_look(canvas, [d], detect.SECOND_LOOK_WINDOW, detect.SECOND_LOOK_SIDE)[0] for d in doubtful]
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert min(together[::2]) >= detect.SECOND_LOOK_MIN_SCORE > max(together[1::2])  # the faces, then beside them
+
+
 @pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100])
 def test_passes_grow_in_bounded_steps_to_the_input_that_shows_min_face(min_face):
     for longer in (200, 399, 640, 800, 1280, 4000):

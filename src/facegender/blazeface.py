@@ -84,6 +84,9 @@ SIZED_AFTER = 2
 SIZED_SESSIONS = 2
 # the sizes counted towards SIZED_AFTER: forgotten when they are this many
 SIZES_COUNTED = 256
+# A second look runs its windows this many at a time: 16 windows of 96 px hold about as much as one 384 x 288
+# pass, so a photo full of doubtful faces needs no more memory than the passes that found them.
+SECOND_LOOK_BATCH = 16
 
 
 class BlazeFace:
@@ -159,9 +162,14 @@ class BlazeFace:
     def second_look(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
         """Each detection's score when the network sees it larger: a square ``window`` times the detection's
         longer side, centred on it and cut from ``image`` (black beyond its edges), resized to ``side`` px (a
-        multiple of 32); the best score of a box that holds the window's centre. One run for all of them."""
-        if not detections:
-            return []
+        multiple of 32); the best score of a box that holds the window's centre. One run for every
+        SECOND_LOOK_BATCH of them (a photo crafted to be full of doubtful faces costs time, not memory)."""
+        scores: list[float] = []
+        for start in range(0, len(detections), SECOND_LOOK_BATCH):
+            scores += self._looked(image, detections[start:start + SECOND_LOOK_BATCH], window, side)
+        return scores
+
+    def _looked(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
         batch = np.empty((len(detections), 3, side, side), np.float32)
         for i, d in enumerate(detections):
             x0, y0, x1, y1 = d.box
