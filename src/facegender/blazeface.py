@@ -158,7 +158,6 @@ class BlazeFace:
         return decode(raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k,
                       self.min_score if min_score is None else min_score)
 
-
     def second_look(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
         """Each detection's score when the network sees it larger: a square ``window`` times the detection's
         longer side, centred on it and cut from ``image`` (black beyond its edges), resized to ``side`` px (a
@@ -170,6 +169,7 @@ class BlazeFace:
         return scores
 
     def _looked(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
+        """``second_look`` of a few detections, in one run."""
         batch = np.empty((len(detections), 3, side, side), np.float32)
         for i, d in enumerate(detections):
             x0, y0, x1, y1 = d.box

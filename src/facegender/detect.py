@@ -298,7 +298,7 @@ class FaceDetector:
 
 def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]]) -> list[list[Detection]]:
     """The larger passes' detections with those scoring under LARGER_PASS_MIN_SCORE kept only where a second
-    look (``BlazeFace.second_look``, one run for all of them) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
+    look (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
     doubtful = [d for one in passes for d in one if d.score < LARGER_PASS_MIN_SCORE]
     looks = dict(zip(map(id, doubtful), network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE)))
     return [[d if id(d) not in looks else dataclasses.replace(d, score=looks[id(d)]) for d in one
