@@ -300,9 +300,17 @@ def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detec
     """The larger passes' detections with those scoring under LARGER_PASS_MIN_SCORE kept only where a second
     look (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
     doubtful = [d for one in passes for d in one if d.score < LARGER_PASS_MIN_SCORE]
-    looks = dict(zip(map(id, doubtful), network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE)))
-    return [[d if id(d) not in looks else dataclasses.replace(d, score=looks[id(d)]) for d in one
-             if id(d) not in looks or looks[id(d)] >= SECOND_LOOK_MIN_SCORE] for one in passes]
+    looks = iter(network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE))  # in doubtful's order
+    kept = []
+    for one in passes:
+        kept.append([])
+        for d in one:
+            if d.score < LARGER_PASS_MIN_SCORE:
+                d = dataclasses.replace(d, score=next(looks))
+                if d.score < SECOND_LOOK_MIN_SCORE:
+                    continue
+            kept[-1].append(d)
+    return kept
 
 
 def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
