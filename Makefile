@@ -29,7 +29,8 @@ test: $(STAMP)
 # this tree (its wheel carries the models' ONNX graphs) with only the serving extra; the predict and serve
 # tests run there, then the evaluate tests once the evaluation extra is added.
 CORE_TESTS := tests/test_core.py tests/test_serve.py tests/test_bundled.py tests/test_fast_predict.py \
-	tests/test_detect.py tests/test_images.py tests/test_hostile.py tests/test_blazeface.py
+	tests/test_detect.py tests/test_images.py tests/test_hostile.py tests/test_blazeface.py \
+	tests/test_mnn.py
 test-core:
 	rm -rf $(CORE)
 	$(PYTHON) -m venv $(CORE)

@@ -4,7 +4,7 @@ dlib computes one chip at a time (``compute_face_descriptor(chip)``, what most u
 (its batch overload); ``DescriptorNet`` runs at batch 1 and at a large batch, in fp32 and bf16, and so
 does the graph ``facegender export`` writes of the default model on onnxruntime in fp32 (``--int8 FILE``:
 also an int8 graph made by ``export --int8``; ``--as-exported``: also dlib's network graph as the exporter
-writes it, before ``onnx_export.in_channel_blocks``). The
+writes it, before ``onnx_export.in_channel_blocks``), and dlib's network on MNN in fp32 (``mnn_runtime``). The
 chips are real faces: dlib's own 150x150 chips of UTKFace images (scikit-image's astronaut, flipped
 and shifted, where UTKFace is absent). The configurations take turns for ``--rounds`` rounds and each
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
@@ -26,6 +26,8 @@ from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.chips import MODEL_FILE, face_chips, full_object_detection
 from facegender.dlibnet import DescriptorNet
 from facegender.inference import Classifier
+from facegender.mnn_runtime import MNNNetwork
+from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, default_threads, session
 from facegender.runtime import cpu_has_bf16
 
 
@@ -78,10 +80,12 @@ def main() -> None:
     chips, origin = real_chips(args.faces)
     reference = dlib.face_recognition_model_v1(str(packaged_model(MODEL_FILE)))
     nets = {p: DescriptorNet.from_dat(device="cpu", precision=p) for p in ("fp32", "bf16")}
-    graphs = {"fp32": Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor}
+    shipped = Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor
+    # onnxruntime alone, and the same network on MNN (what mnn_runtime's ``auto`` picks on CPUs without AVX-512)
+    graphs = {"fp32": DescriptorGraph(shipped.session, shipped.name)}
+    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.name, args.threads or default_threads())
     if args.as_exported:
         from facegender.onnx_export import descriptor_network_graph
-        from facegender.onnx_model import DescriptorGraph, session
 
         exported = session(descriptor_network_graph(blocked=False), args.threads or None, "the exported graph")
         graphs["fp32 exported"] = DescriptorGraph(exported, "as-exported")
@@ -94,6 +98,8 @@ def main() -> None:
         print(f"cosine to dlib, {precision}: {cosine_range(net.descriptors(chips), truth)}")
     for precision, graph in graphs.items():
         print(f"cosine to dlib, onnxruntime {precision}: {cosine_range(graph(chips), truth)}")
+    print(f"cosine to dlib, MNN fp32: {cosine_range(on_mnn(chips), truth)}; "
+          f"to onnxruntime fp32: {cosine_range(on_mnn(chips), graphs['fp32'](chips))}")
 
     configs = {
         ("dlib", "one at a time", 1): lambda b: [reference.compute_face_descriptor(c) for c in b],
@@ -105,6 +111,8 @@ def main() -> None:
     for precision, graph in graphs.items():
         for batch in (1, args.batch):
             configs[("onnx", precision, batch)] = graph
+    for batch in (1, args.batch):
+        configs[("mnn", "fp32", batch)] = on_mnn
     rates = {key: [] for key in configs}
     for _ in range(args.rounds):
         for key, run in configs.items():

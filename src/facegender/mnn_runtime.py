@@ -1,0 +1,143 @@
+"""dlib's descriptor network on MNN, where it runs faster than on onnxruntime.
+
+The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's
+float32 peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same
+result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 4.1 against 6.4 ms per face in batches
+of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``). MNN's wheel carries
+AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
+CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
+pay over a batch). ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
+
+The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
+process (it prints progress on stdout), and cached under ``io.cache_dir()`` keyed by the graph's hash and
+MNN's version. Where MNN is missing or the conversion fails, onnxruntime runs everything, with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .io import UserError, atomic_path, cache_dir
+
+RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
+RUNTIMES = ("auto", "mnn", "onnxruntime")
+MIN_BATCH = 2  # chips per call below which onnxruntime stays faster (see above)
+_CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'ONNX', '--modelFile', sys.argv[1], "
+            "'--MNNModel', sys.argv[2], '--bizCode', 'facegender'])")
+
+
+def chosen_runtime() -> str:
+    """``mnn`` or ``onnxruntime``: what runs batches of chips on this machine (the module docstring)."""
+    name = os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
+    if name not in RUNTIMES:
+        raise UserError(f"{RUNTIME_ENV}={name}: must be one of {', '.join(RUNTIMES)}")
+    if name == "auto":
+        name = "mnn" if _x86_without_avx512() else "onnxruntime"
+    return name
+
+
+def _x86_without_avx512() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:  # not Linux: no measurement to go by
+        return False
+    return flags is not None and "avx2" in flags and "avx512f" not in flags
+
+
+@contextlib.contextmanager
+def _quiet():
+    """MNN's library prints notices ("MNN use high precision") on stdout, where predict writes its results;
+    they go nowhere (its failures still surface: as exceptions, or as an output of the wrong shape)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 1)
+    try:
+        yield
+    finally:
+        if os.name == "posix":  # what C code left in stdout's buffer goes with it
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def converted(graph: Path, key: str, version: str) -> Path:
+    """The MNN file of an ONNX graph, converted once and cached."""
+    target = cache_dir() / "mnn" / f"{graph.stem}-{key}-mnn{version}.mnn"
+    if target.is_file():
+        return target
+    with atomic_path(target) as tmp:
+        done = subprocess.run([sys.executable, "-c", _CONVERT, str(graph), str(tmp)], capture_output=True,
+                              text=True, timeout=600)
+        # its converter reports success whatever happened: the file is the proof
+        if done.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"MNN could not convert {graph}: {last[0][:200]}")
+    return target
+
+
+class MNNNetwork:
+    """Chips (uint8 N x 150 x 150 x 3) -> the graph's first output, on MNN's CPU backend in float32.
+
+    Made on first call (import, conversion, load); calls are serialised, since one MNN module is not safe
+    to run from two threads at once."""
+
+    def __init__(self, graph: Path, key: str, threads: int):
+        self.graph, self.key, self.threads = graph, key, threads
+        self._module = self._expr = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        # libgomp (MNN's threads) otherwise spins between calls on the cores that detection threads need
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        with _quiet():
+            import MNN
+            import MNN.expr as expr
+            import MNN.nn as nn
+
+            path = converted(self.graph, self.key, MNN.version())
+            config = {"backend": "CPU", "precision": "high", "numThread": self.threads}  # high: float32
+            runtime = nn.create_runtime_manager((config,))
+            self._module = nn.load_module_from_file(str(path), [], [], runtime_manager=runtime)
+        self._expr = expr
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        chips = np.ascontiguousarray(chips, dtype=np.uint8)
+        with self._lock:
+            if self._module is None:
+                self._load()
+            expr = self._expr
+            # NCHW here only means "no layout of MNN's own": the graph takes N x H x W x 3 and transposes
+            out = self._module.forward(expr.const(chips, list(chips.shape), expr.NCHW, expr.uint8))
+            out = np.array(out.read(), dtype=np.float32)
+        if out.ndim != 2 or len(out) != len(chips):
+            raise RuntimeError(f"MNN gave an output of shape {out.shape} for {len(chips)} chips")
+        return out
+
+
+def mnn_network(graph: Path, key: str, threads: int) -> MNNNetwork | None:
+    """The graph on MNN where this machine should run it there and MNN is installed; else None."""
+    if chosen_runtime() != "mnn":
+        return None
+    if importlib.util.find_spec("MNN") is None:  # not imported here: it prints on import, and loads on first use
+        if os.environ.get(RUNTIME_ENV, "auto").strip().lower() == "mnn":
+            raise UserError(f"{RUNTIME_ENV}=mnn: MNN is not installed; pip install MNN")
+        return None
+    return MNNNetwork(graph, key, threads)
+
+
+def warn_fallback(error: Exception) -> None:
+    warnings.warn(f"descriptors on onnxruntime instead of MNN ({error})", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,149 @@
+"""dlib's descriptor network on MNN (``mnn_runtime``): onnxruntime's answers, a conversion made once, clean stdout.
+
+MNN is forced here (``FACEGENDER_DESCRIPTOR_RUNTIME=mnn``), so these run on CPUs with AVX-512 too, where
+``auto`` keeps onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facegender import mnn_runtime, onnx_model
+from facegender.inference import Classifier
+from facegender.io import UserError
+
+pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
+
+
+@pytest.fixture()
+def runtime(monkeypatch):
+    def choose(name: str):
+        monkeypatch.setenv(mnn_runtime.RUNTIME_ENV, name)
+    return choose
+
+
+def astronaut() -> Image.Image:
+    skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
+    return Image.fromarray(skimage_data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def chips() -> np.ndarray:
+    """dlib chips of real faces: the astronaut mirrored, turned and lit differently (each its own chip)."""
+    clf = Classifier.from_checkpoint()
+    photo, out = astronaut(), []
+    for angle in (0, 8, -8, 15):
+        for variant in (photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), photo.point(lambda v: v * 0.7)):
+            found = clf.faces("astronaut", np.asarray(variant.rotate(angle)))
+            out += [face for _, face in found if face is not None]
+    assert len(out) >= 10
+    return np.stack(out)
+
+
+def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, runtime):
+    runtime("mnn")
+    onnx_model.descriptor_network.cache_clear()
+    graph = onnx_model.descriptor_network(1)
+    assert isinstance(graph.fast, mnn_runtime.MNNNetwork)
+    on_mnn = graph.fast(chips)
+    on_onnxruntime = graph.session.run(["descriptor"], {"chips": chips})[0]
+    assert on_mnn.shape == on_onnxruntime.shape == (len(chips), 128)
+    np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
+    cosine = (on_mnn * on_onnxruntime).sum(1) / np.linalg.norm(on_mnn, axis=1) / np.linalg.norm(on_onnxruntime, axis=1)
+    assert cosine.min() > 0.99999
+    # a batch goes to MNN, a single chip to onnxruntime (where it is faster), both with the same answers
+    calls = []
+    fast = graph.fast
+    graph.fast = lambda c: calls.append(len(c)) or fast(c)
+    np.testing.assert_allclose(graph(chips), on_mnn, atol=1e-6)
+    np.testing.assert_allclose(graph(chips[:1]), on_onnxruntime[:1], atol=1e-6)
+    assert calls == [len(chips)]
+    onnx_model.descriptor_network.cache_clear()
+
+
+def test_the_runtime_follows_the_environment_and_refuses_other_names(runtime):
+    runtime("onnxruntime")
+    assert mnn_runtime.chosen_runtime() == "onnxruntime"
+    assert mnn_runtime.mnn_network(onnx_model.DESCRIPTOR_NETWORK, "k", 1) is None
+    runtime("MNN")
+    assert mnn_runtime.chosen_runtime() == "mnn"
+    runtime("auto")
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    expected = "mnn" if "avx2" in flags and "avx512f" not in flags else "onnxruntime"
+    assert mnn_runtime.chosen_runtime() == expected
+    runtime("openvino")
+    with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=openvino: must be one of auto, mnn, onnxruntime"):
+        mnn_runtime.chosen_runtime()
+
+
+def test_the_conversion_is_made_once_and_a_failed_one_leaves_no_file(tmp_path, monkeypatch):
+    import MNN
+
+    monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
+    first = mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
+    stamp = first.stat().st_mtime_ns
+    assert first.stat().st_size > 20_000_000  # the network's weights, in float32
+    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert first.stat().st_mtime_ns == stamp
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(RuntimeError, match="MNN could not convert"):
+        mnn_runtime.converted(broken, "k2", MNN.version())
+    assert sorted(p.name for p in (tmp_path / "cache" / "mnn").iterdir()) == [first.name]
+
+
+def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(chips, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    graph = onnx_model.descriptor_network(1)
+    sess, key = graph.session, graph.name
+    fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", 1))
+    with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
+        got = fallback(chips[:4])
+    assert fallback.fast is None
+    np.testing.assert_allclose(got, sess.run(["descriptor"], {"chips": chips[:4]})[0], atol=1e-6)
+
+
+def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_path):
+    photo = astronaut()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):  # three faces in one batch: the batch goes to MNN
+        photo.rotate(5 * i).save(folder / f"astronaut{i}.jpg", quality=95)
+    rows = {}
+    for name in ("mnn", "onnxruntime"):
+        env = os.environ | {mnn_runtime.RUNTIME_ENV: name, "FACEGENDER_CACHE": str(tmp_path / f"cache-{name}")}
+        done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(folder)], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows[name] = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but rows on stdout
+        assert len(rows[name]) == 3
+    assert (tmp_path / "cache-mnn" / "mnn").is_dir() and not (tmp_path / "cache-onnxruntime" / "mnn").exists()
+    for a, b in zip(rows["mnn"], rows["onnxruntime"]):
+        assert a["label"] == b["label"] == "female"
+        assert abs(a["p_male"] - b["p_male"]) < 1e-4
+
+
+def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(runtime):
+    """P(male) of the bundled model within 1e-3 of onnxruntime's (2e-4 measured), the same labels, on
+    real faces of the three corpora."""
+    from conftest import shared
+
+    photos = [p for corpus in ("utkface", "celeba/img", "scut_fbp5500/img")
+              for p in sorted(shared(corpus).glob("*.jpg"))[::997][:8]]
+    p_male = {}
+    for name in ("mnn", "onnxruntime"):
+        runtime(name)
+        onnx_model.descriptor_network.cache_clear()
+        p_male[name] = np.array([p.p_male for p in Classifier.from_checkpoint().predict(photos) if p.p_male is not None])
+    onnx_model.descriptor_network.cache_clear()
+    assert len(p_male["mnn"]) == len(p_male["onnxruntime"]) >= 20
+    assert np.abs(p_male["mnn"] - p_male["onnxruntime"]).max() < 1e-3
+    assert ((p_male["mnn"] >= 0.5) == (p_male["onnxruntime"] >= 0.5)).all()
