@@ -57,13 +57,33 @@ def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, runtime):
     np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
     cosine = (on_mnn * on_onnxruntime).sum(1) / np.linalg.norm(on_mnn, axis=1) / np.linalg.norm(on_onnxruntime, axis=1)
     assert cosine.min() > 0.99999
-    # a batch goes to MNN, a single chip to onnxruntime (where it is faster), both with the same answers
-    calls = []
-    fast = graph.fast
-    graph.fast = lambda c: calls.append(len(c)) or fast(c)
-    np.testing.assert_allclose(graph(chips), on_mnn, atol=1e-6)
-    np.testing.assert_allclose(graph(chips[:1]), on_onnxruntime[:1], atol=1e-6)
-    assert calls == [len(chips)]
+    assert np.array_equal(graph.fast(chips), on_mnn) and not np.array_equal(on_mnn, on_onnxruntime)
+
+
+def test_mnn_starts_on_a_folders_batch_then_takes_every_batch_but_single_chips(chips):
+    """Answers tell the runtimes apart: each gives its own bits, which differ from the other's."""
+    graph = onnx_model.descriptor_network(1)
+    sess, key = graph.session, graph.name
+    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key.split("-")[-1], 1))
+    many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
+    few = chips[:3]
+    on_onnxruntime = sess.run(["descriptor"], {"chips": many})[0]
+    # a photo's few faces: onnxruntime, and MNN is not even loaded
+    assert np.array_equal(fresh(few), on_onnxruntime[:3]) and fresh.fast._module is None
+    # a folder's batch starts it; from then on a batch of a few runs there too, a single chip never
+    on_mnn = fresh(many)
+    assert fresh.fast._module is not None and not np.array_equal(on_mnn, on_onnxruntime)
+    np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
+    assert np.array_equal(fresh(few), fresh.fast(few)) and not np.array_equal(fresh(few), on_onnxruntime[:3])
+    assert np.array_equal(fresh(few[:1]), on_onnxruntime[:1])
+    # a server's requests of a few faces each start it once START_AFTER chips have run
+    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key.split("-")[-1], 1))
+    calls = -(-mnn_runtime.START_AFTER // len(few))
+    for _ in range(calls - 1):
+        served(few)
+    assert served.fast._module is None
+    served(few)
+    assert served.fast._module is not None
     onnx_model.descriptor_network.cache_clear()
 
 
@@ -105,18 +125,20 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.name
     fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", 1))
+    many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
     with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
-        got = fallback(chips[:4])
+        got = fallback(many)
     assert fallback.fast is None
-    np.testing.assert_allclose(got, sess.run(["descriptor"], {"chips": chips[:4]})[0], atol=1e-6)
+    assert np.array_equal(got, sess.run(["descriptor"], {"chips": many})[0])
 
 
 def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_path):
-    photo = astronaut()
+    photo = astronaut().resize((256, 256))
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i in range(3):  # three faces in one batch: the batch goes to MNN
-        photo.rotate(5 * i).save(folder / f"astronaut{i}.jpg", quality=95)
+    n = mnn_runtime.START_CHIPS  # one face each, one batch of faces: it starts MNN
+    for i in range(n):
+        photo.rotate(i % 9 - 4).save(folder / f"astronaut{i:02d}.jpg", quality=95)
     rows = {}
     for name in ("mnn", "onnxruntime"):
         env = os.environ | {mnn_runtime.RUNTIME_ENV: name, "FACEGENDER_CACHE": str(tmp_path / f"cache-{name}")}
@@ -124,7 +146,7 @@ def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_p
                               text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         rows[name] = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but rows on stdout
-        assert len(rows[name]) == 3
+        assert len(rows[name]) == n
     assert (tmp_path / "cache-mnn" / "mnn").is_dir() and not (tmp_path / "cache-onnxruntime" / "mnn").exists()
     for a, b in zip(rows["mnn"], rows["onnxruntime"]):
         assert a["label"] == b["label"] == "female"

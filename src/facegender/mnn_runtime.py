@@ -6,7 +6,8 @@ result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 4.1 against
 of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``). MNN's wheel carries
 AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
 CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
-pay over a batch). ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
+pay over a batch), and so do a process's first few (``MNNNetwork.takes``).
+``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
 
 The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
 process (it prints progress on stdout), and cached under ``io.cache_dir()`` keyed by the graph's hash and
@@ -34,6 +35,12 @@ RUNTIMES = ("auto", "mnn", "onnxruntime")
 MIN_BATCH = 2  # chips per call below which onnxruntime stays faster (see above)
 # chips per MNN run: 4.0-4.3 ms a face against 4.4-4.5 in runs of 64 (and 8), one AVX2 core; less memory too
 MNN_BATCH = 16
+# MNN's start (import, load, its weights' transforms: 0.37 s on that core) pays back after about 160 faces at
+# 2.3 ms saved each: it starts on a call of START_CHIPS chips (predict's batches over a folder) or once
+# START_AFTER have run (a server's requests); until then onnxruntime runs them, so labelling a photo or a
+# few starts as fast as before.
+START_CHIPS = 64
+START_AFTER = 160
 # MNN's converter itself, not its `mnnconvert` script: that wrapper sends a usage log to a remote service (and
 # pip-installs the logging client where it is missing); this is offline, as the rest of the package.
 _CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'ONNX', '--modelFile', sys.argv[1], "
@@ -103,6 +110,15 @@ class MNNNetwork:
         self.graph, self.key, self.threads = graph, key, threads
         self._module = self._expr = None
         self._lock = threading.Lock()
+        self._seen = 0  # chips offered so far
+
+    def takes(self, n: int) -> bool:
+        """Whether a call of ``n`` chips runs here (else on onnxruntime): MIN_BATCH and more, once started
+        (START_CHIPS, START_AFTER)."""
+        if n < MIN_BATCH:
+            return False
+        self._seen += n
+        return self._module is not None or n >= START_CHIPS or self._seen >= START_AFTER
 
     def _load(self):
         # libgomp (MNN's threads) otherwise spins between calls on the cores that detection threads need

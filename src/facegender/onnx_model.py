@@ -23,7 +23,7 @@ import numpy as np
 
 from .chips import DESCRIPTOR_SIZE
 from .io import UserError
-from .mnn_runtime import MIN_BATCH, mnn_network, warn_fallback
+from .mnn_runtime import mnn_network, warn_fallback
 
 META_KEY = "facegender"  # the metadata entry holding the checkpoint's metadata, as in safetensors headers
 INSTALL_HINT = "pip install facegender (it brings onnxruntime)"
@@ -87,8 +87,8 @@ class DescriptorGraph:
 
     Called on chips it is a descriptor extractor as ``descriptors.cached_descriptors`` calls one; ``name``
     keys the cached descriptors: an int8 graph's descriptors are not float32's. ``fast``: the same network on
-    MNN (``mnn_runtime``), which then runs batches of two chips and more; its descriptors are float32's
-    within 2e-5, so they share the name."""
+    MNN (``mnn_runtime``), which then runs the batches it ``takes``; its descriptors are float32's within 2e-5,
+    so they share the name."""
 
     def __init__(self, sess, key: str, fast=None):
         self.session = sess
@@ -96,7 +96,7 @@ class DescriptorGraph:
         self.fast = fast
 
     def _batch(self, output: str, chips: np.ndarray) -> np.ndarray:
-        if self.fast is not None and output == "descriptor" and len(chips) >= MIN_BATCH:
+        if self.fast is not None and output == "descriptor" and self.fast.takes(len(chips)):
             try:
                 return self.fast(chips)
             except Exception as e:  # MNN failing to convert or load: onnxruntime still runs the network
