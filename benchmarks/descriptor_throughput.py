@@ -82,8 +82,8 @@ def main() -> None:
     nets = {p: DescriptorNet.from_dat(device="cpu", precision=p) for p in ("fp32", "bf16")}
     shipped = Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor
     # onnxruntime alone, and the same network on MNN (what mnn_runtime's ``auto`` picks on CPUs without AVX-512)
-    graphs = {"fp32": DescriptorGraph(shipped.session, shipped.name)}
-    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.name, args.threads or default_threads())
+    graphs = {"fp32": DescriptorGraph(shipped.session, shipped.key)}
+    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key, args.threads or default_threads())
     if args.as_exported:
         from facegender.onnx_export import descriptor_network_graph
 

@@ -63,8 +63,8 @@ def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, runtime):
 def test_mnn_starts_on_a_folders_batch_then_takes_every_batch_but_single_chips(chips):
     """Answers tell the runtimes apart: each gives its own bits, which differ from the other's."""
     graph = onnx_model.descriptor_network(1)
-    sess, key = graph.session, graph.name
-    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key.split("-")[-1], 1))
+    sess, key = graph.session, graph.key
+    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, 1))
     many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
     few = chips[:3]
     on_onnxruntime = sess.run(["descriptor"], {"chips": many})[0]
@@ -77,7 +77,7 @@ def test_mnn_starts_on_a_folders_batch_then_takes_every_batch_but_single_chips(c
     assert np.array_equal(fresh(few), fresh.fast(few)) and not np.array_equal(fresh(few), on_onnxruntime[:3])
     assert np.array_equal(fresh(few[:1]), on_onnxruntime[:1])
     # a server's requests of a few faces each start it once START_AFTER chips have run
-    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key.split("-")[-1], 1))
+    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, 1))
     calls = -(-mnn_runtime.START_AFTER // len(few))
     for _ in range(calls - 1):
         served(few)
@@ -123,7 +123,7 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     graph = onnx_model.descriptor_network(1)
-    sess, key = graph.session, graph.name
+    sess, key = graph.session, graph.key
     fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", 1))
     many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
     with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):

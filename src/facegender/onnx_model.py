@@ -92,7 +92,7 @@ class DescriptorGraph:
 
     def __init__(self, sess, key: str, fast=None):
         self.session = sess
-        self.name = f"onnx-{key}"
+        self.key, self.name = key, f"onnx-{key}"
         self.fast = fast
 
     def _batch(self, output: str, chips: np.ndarray) -> np.ndarray:
