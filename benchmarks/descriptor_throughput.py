@@ -27,7 +27,7 @@ from facegender.chips import MODEL_FILE, face_chips, full_object_detection
 from facegender.dlibnet import DescriptorNet
 from facegender.inference import Classifier
 from facegender.mnn_runtime import MNNNetwork
-from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, default_threads, session
+from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, session
 from facegender.runtime import cpu_has_bf16
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     shipped = Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor
     # onnxruntime alone, and the same network on MNN (what mnn_runtime's ``auto`` picks on CPUs without AVX-512)
     graphs = {"fp32": DescriptorGraph(shipped.session, shipped.key)}
-    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key, args.threads or default_threads())
+    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key)  # one thread, as mnn_runtime runs it
     if args.as_exported:
         from facegender.onnx_export import descriptor_network_graph
 

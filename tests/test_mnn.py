@@ -64,33 +64,33 @@ def test_mnn_starts_on_a_folders_batch_then_takes_every_batch_but_single_chips(c
     """Answers tell the runtimes apart: each gives its own bits, which differ from the other's."""
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
-    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, 1))
+    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
     many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
     few = chips[:3]
     on_onnxruntime = sess.run(["descriptor"], {"chips": many})[0]
     # a photo's few faces: onnxruntime, and MNN is not even loaded
-    assert np.array_equal(fresh(few), on_onnxruntime[:3]) and fresh.fast._module is None
+    assert np.array_equal(fresh(few), on_onnxruntime[:3]) and fresh.fast._session is None
     # a folder's batch starts it; from then on a batch of a few runs there too, a single chip never
     on_mnn = fresh(many)
-    assert fresh.fast._module is not None and not np.array_equal(on_mnn, on_onnxruntime)
+    assert fresh.fast._session is not None and not np.array_equal(on_mnn, on_onnxruntime)
     np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
     assert np.array_equal(fresh(few), fresh.fast(few)) and not np.array_equal(fresh(few), on_onnxruntime[:3])
     assert np.array_equal(fresh(few[:1]), on_onnxruntime[:1])
     # a server's requests of a few faces each start it once START_AFTER chips have run
-    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, 1))
+    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
     calls = -(-mnn_runtime.START_AFTER // len(few))
     for _ in range(calls - 1):
         served(few)
-    assert served.fast._module is None
+    assert served.fast._session is None
     served(few)
-    assert served.fast._module is not None
+    assert served.fast._session is not None
     onnx_model.descriptor_network.cache_clear()
 
 
 def test_the_runtime_follows_the_environment_and_refuses_other_names(runtime):
     runtime("onnxruntime")
     assert mnn_runtime.chosen_runtime() == "onnxruntime"
-    assert mnn_runtime.mnn_network(onnx_model.DESCRIPTOR_NETWORK, "k", 1) is None
+    assert mnn_runtime.mnn_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
     runtime("MNN")
     assert mnn_runtime.chosen_runtime() == "mnn"
     runtime("auto")
@@ -124,7 +124,7 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     broken.write_bytes(b"not a graph")
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
-    fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", 1))
+    fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken"))
     many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
     with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
         got = fallback(many)

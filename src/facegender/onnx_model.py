@@ -129,7 +129,7 @@ def descriptor_network(threads: int | None = None) -> DescriptorGraph:
     data = DESCRIPTOR_NETWORK.read_bytes()
     sess, key = session(data, threads, str(DESCRIPTOR_NETWORK)), _key(data)
     on_gpu = "CUDAExecutionProvider" in sess.get_providers()
-    fast = None if on_gpu else mnn_network(DESCRIPTOR_NETWORK, key, threads or default_threads())
+    fast = None if on_gpu else mnn_network(DESCRIPTOR_NETWORK, key)
     return DescriptorGraph(sess, key, fast)
 
 
