@@ -60,24 +60,29 @@ def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, runtime):
     assert np.array_equal(graph.fast(chips), on_mnn) and not np.array_equal(on_mnn, on_onnxruntime)
 
 
-def test_mnn_starts_on_a_folders_batch_then_takes_every_batch_but_single_chips(chips):
+def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chips):
     """Answers tell the runtimes apart: each gives its own bits, which differ from the other's."""
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
     fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
     many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
-    few = chips[:3]
+    few = chips[:mnn_runtime.MIN_BATCH]
     on_onnxruntime = sess.run(["descriptor"], {"chips": many})[0]
+    few_on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
     # a photo's few faces: onnxruntime, and MNN is not even loaded
-    assert np.array_equal(fresh(few), on_onnxruntime[:3]) and fresh.fast._session is None
-    # a folder's batch starts it; from then on a batch of a few runs there too, a single chip never
+    assert np.array_equal(fresh(few), few_on_onnxruntime) and fresh.fast._session is None
+    # a folder's batch starts it; from then on a batch of MIN_BATCH runs there too, a smaller one never
     on_mnn = fresh(many)
     assert fresh.fast._session is not None and not np.array_equal(on_mnn, on_onnxruntime)
     np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
-    assert np.array_equal(fresh(few), fresh.fast(few)) and not np.array_equal(fresh(few), on_onnxruntime[:3])
-    assert np.array_equal(fresh(few[:1]), on_onnxruntime[:1])
-    # a server's requests of a few faces each start it once START_AFTER chips have run
+    assert np.array_equal(fresh(few), fresh.fast(few)) and not np.array_equal(fresh(few), few_on_onnxruntime)
+    assert np.array_equal(fresh(few[:-1]), sess.run(["descriptor"], {"chips": few[:-1]})[0])
+    assert np.array_equal(fresh(few[:1]), sess.run(["descriptor"], {"chips": few[:1]})[0])
+    # a server's batches start it once START_AFTER chips have come in batches it would take
     served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
+    for _ in range(50):
+        served(few[:-1])
+    assert served.fast._session is None
     calls = -(-mnn_runtime.START_AFTER // len(few))
     for _ in range(calls - 1):
         served(few)

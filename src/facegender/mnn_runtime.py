@@ -6,7 +6,7 @@ result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 4.1 against
 of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``). MNN's wheel carries
 AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
 CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
-pay over a batch), and so do a process's first few (``MNNNetwork.takes``).
+pay over a batch), and so do small batches and a process's first few (``MNNNetwork.takes``).
 ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
 
 The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
@@ -32,7 +32,10 @@ from .io import UserError, atomic_path, cache_dir
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
-MIN_BATCH = 2  # chips per call below which onnxruntime stays faster (see above)
+# Calls of fewer chips stay on onnxruntime: a single chip runs faster there (see above), and a server's
+# micro-batches of a few requests are answered sooner by its threads (p99 89 against 114 ms, 8 clients on
+# 2 cores, benchmarks/serve_load.py), with 100 MB less held.
+MIN_BATCH = 8
 # chips per MNN run: 4.0-4.3 ms a face against 4.4-4.5 in runs of 64 (and 8), one AVX2 core; less memory too
 MNN_BATCH = 16
 # MNN's start (import, load, its weights' transforms: 0.37 s on that core) pays back after about 160 faces at
