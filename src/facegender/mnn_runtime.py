@@ -32,9 +32,9 @@ from .io import UserError, atomic_path, cache_dir
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
-# Calls of fewer chips stay on onnxruntime: a single chip runs faster there (see above), and a server's
-# micro-batches of a few requests are answered sooner by its threads (p99 89 against 114 ms, 8 clients on
-# 2 cores, benchmarks/serve_load.py), with 100 MB less held.
+# Calls of fewer chips stay on onnxruntime: a single chip runs faster there (see above), and on a server's
+# micro-batches of a few requests MNN gained little (117 against 106-113 requests/s, p99 89-114 ms either
+# way: 8 clients on 2 cores, benchmarks/serve_load.py) for 100 MB more held.
 MIN_BATCH = 8
 # chips per MNN run: 4.0-4.3 ms a face against 4.4-4.5 in runs of 64 (and 8), one AVX2 core; less memory too
 MNN_BATCH = 16
