@@ -174,3 +174,14 @@ def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(runtime):
     assert len(p_male["mnn"]) == len(p_male["onnxruntime"]) >= 20
     assert np.abs(p_male["mnn"] - p_male["onnxruntime"]).max() < 1e-3
     assert ((p_male["mnn"] >= 0.5) == (p_male["onnxruntime"] >= 0.5)).all()
+
+
+def test_a_bad_runtime_name_stops_predict_with_one_line(tmp_path):
+    photo = tmp_path / "astronaut.jpg"
+    astronaut().save(photo)
+    env = os.environ | {mnn_runtime.RUNTIME_ENV: "gpu"}
+    done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(photo)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"{mnn_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime" in done.stderr
