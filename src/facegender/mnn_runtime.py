@@ -50,9 +50,13 @@ _CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'ONNX', 
             "'--MNNModel', sys.argv[2], '--bizCode', 'facegender'])")
 
 
+def _asked() -> str:
+    return os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
+
+
 def chosen_runtime() -> str:
     """``mnn`` or ``onnxruntime``: what runs batches of chips on this machine (the module docstring)."""
-    name = os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
+    name = _asked()
     if name not in RUNTIMES:
         raise UserError(f"{RUNTIME_ENV}={name}: must be one of {', '.join(RUNTIMES)}")
     if name == "auto":
@@ -140,10 +144,7 @@ class MNNNetwork:
         with self._lock:
             if self._session is None:
                 self._load()
-            out = np.concatenate([self._run(chips[i:i + MNN_BATCH]) for i in range(0, len(chips), MNN_BATCH)])
-        if out.ndim != 2 or len(out) != len(chips):
-            raise RuntimeError(f"MNN gave an output of shape {out.shape} for {len(chips)} chips")
-        return out
+            return np.concatenate([self._run(chips[i:i + MNN_BATCH]) for i in range(0, len(chips), MNN_BATCH)])
 
     def _run(self, chips: np.ndarray) -> np.ndarray:
         mnn, interpreter, session = self._mnn, self._interpreter, self._session
@@ -156,9 +157,11 @@ class MNNNetwork:
         interpreter.runSession(session)
         out = interpreter.getSessionOutput(session)
         shape = tuple(out.getShape())
+        if len(shape) != 2 or shape[0] != len(chips):
+            raise RuntimeError(f"MNN gave an output of shape {shape} for {len(chips)} chips")
         host = mnn.Tensor(shape, mnn.Halide_Type_Float, np.zeros(shape, np.float32), out.getDimensionType())
         out.copyToHostTensor(host)
-        return np.array(host.getNumpyData(), dtype=np.float32).reshape(len(chips), -1)
+        return np.array(host.getNumpyData(), dtype=np.float32).reshape(shape)
 
 
 def mnn_network(graph: Path, key: str) -> MNNNetwork | None:
@@ -166,7 +169,7 @@ def mnn_network(graph: Path, key: str) -> MNNNetwork | None:
     if chosen_runtime() != "mnn":
         return None
     if importlib.util.find_spec("MNN") is None:  # not imported here: it prints on import, and loads on first use
-        if os.environ.get(RUNTIME_ENV, "auto").strip().lower() == "mnn":
+        if _asked() == "mnn":
             raise UserError(f"{RUNTIME_ENV}=mnn: MNN is not installed; pip install MNN")
         return None
     return MNNNetwork(graph, key)
