@@ -130,16 +130,14 @@ def _faces_of_every_corpus(clf) -> list:
 
 
 @pytest.mark.parametrize("name", ["descriptor", "resnet18", "ensemble"])
-def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, monkeypatch):
+def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, descriptor_runtime):
     """P(male) per face within 1e-4 of PyTorch's float32, for every bundled model (and an ensemble of
     the two, whose ResNet18 is converted to ONNX on first use), on onnxruntime: the graphs are the networks.
     (MNN's Winograd arithmetic moves P(male) up to 2e-4 more: tests/test_mnn.py holds it to onnxruntime's.)"""
     pytest.importorskip("torch", reason="PyTorch (the training extra) is needed to compare with its answers")
-    from facegender import mnn_runtime, onnx_model
     from facegender.inference import Classifier
 
-    monkeypatch.setenv(mnn_runtime.RUNTIME_ENV, "onnxruntime")
-    onnx_model.descriptor_network.cache_clear()
+    descriptor_runtime("onnxruntime")
 
     model = name
     if name == "ensemble":
@@ -161,6 +159,5 @@ def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, monkey
     faces = _faces_of_every_corpus(core)
     inputs = [x for _, x in faces]
     got, want = (c.probabilities(c.logits(inputs)) for c in (core, reference))
-    onnx_model.descriptor_network.cache_clear()
     assert np.abs(got - want).max() < 1e-4
     assert 0.05 < (want >= 0.5).mean() < 0.95  # both classes among the faces: the comparison means something

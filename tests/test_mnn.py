@@ -21,13 +21,6 @@ from facegender.io import UserError
 pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
 
 
-@pytest.fixture()
-def runtime(monkeypatch):
-    def choose(name: str):
-        monkeypatch.setenv(mnn_runtime.RUNTIME_ENV, name)
-    return choose
-
-
 def astronaut() -> Image.Image:
     skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
     return Image.fromarray(skimage_data.astronaut())
@@ -46,9 +39,8 @@ def chips() -> np.ndarray:
     return np.stack(out)
 
 
-def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, runtime):
-    runtime("mnn")
-    onnx_model.descriptor_network.cache_clear()
+def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, descriptor_runtime):
+    descriptor_runtime("mnn")
     graph = onnx_model.descriptor_network(1)
     assert isinstance(graph.fast, mnn_runtime.MNNNetwork)
     on_mnn = graph.fast(chips)
@@ -89,21 +81,20 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     assert served.fast._session is None
     served(few)
     assert served.fast._session is not None
-    onnx_model.descriptor_network.cache_clear()
 
 
-def test_the_runtime_follows_the_environment_and_refuses_other_names(runtime):
-    runtime("onnxruntime")
+def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_runtime):
+    descriptor_runtime("onnxruntime")
     assert mnn_runtime.chosen_runtime() == "onnxruntime"
     assert mnn_runtime.mnn_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
-    runtime("MNN")
+    descriptor_runtime("MNN")
     assert mnn_runtime.chosen_runtime() == "mnn"
-    runtime("auto")
+    descriptor_runtime("auto")
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
     expected = "mnn" if "avx2" in flags and "avx512f" not in flags else "onnxruntime"
     assert mnn_runtime.chosen_runtime() == expected
-    runtime("openvino")
+    descriptor_runtime("openvino")
     with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=openvino: must be one of auto, mnn, onnxruntime"):
         mnn_runtime.chosen_runtime()
 
@@ -158,7 +149,7 @@ def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_p
         assert abs(a["p_male"] - b["p_male"]) < 1e-4
 
 
-def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(runtime):
+def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(descriptor_runtime):
     """P(male) of the bundled model within 1e-3 of onnxruntime's (2e-4 measured), the same labels, on
     real faces of the three corpora."""
     from conftest import shared
@@ -167,10 +158,8 @@ def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(runtime):
               for p in sorted(shared(corpus).glob("*.jpg"))[::997][:8]]
     p_male = {}
     for name in ("mnn", "onnxruntime"):
-        runtime(name)
-        onnx_model.descriptor_network.cache_clear()
+        descriptor_runtime(name)
         p_male[name] = np.array([p.p_male for p in Classifier.from_checkpoint().predict(photos) if p.p_male is not None])
-    onnx_model.descriptor_network.cache_clear()
     assert len(p_male["mnn"]) == len(p_male["onnxruntime"]) >= 20
     assert np.abs(p_male["mnn"] - p_male["onnxruntime"]).max() < 1e-3
     assert ((p_male["mnn"] >= 0.5) == (p_male["onnxruntime"] >= 0.5)).all()
