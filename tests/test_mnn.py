@@ -83,6 +83,60 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     assert served.fast._session is not None
 
 
+def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxruntime_meanwhile(chips):
+    if mnn_runtime._C_STDOUT is None:
+        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
+    graph = onnx_model.descriptor_network(1)
+    sess, key = graph.session, graph.key
+    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, background=True))
+    few = chips[:mnn_runtime.MIN_BATCH]
+    on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
+    calls = -(-mnn_runtime.START_AFTER // len(few))
+    for _ in range(calls - 1):
+        assert np.array_equal(served(few), on_onnxruntime)
+    assert not served.fast._started
+    # the call that earns it starts the load and is answered by onnxruntime, without waiting for it
+    assert np.array_equal(served(few), on_onnxruntime) and served.fast._started
+    served.fast.load()  # waits for the loading thread
+    on_mnn = served(few)
+    assert not np.array_equal(on_mnn, on_onnxruntime) and np.array_equal(on_mnn, served.fast(few))
+    np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
+
+
+# A process that writes rows on stdout while MNN starts beside it (fresh cache: the conversion too).
+BACKGROUND_START = """
+import json, sys
+import numpy as np
+from facegender import mnn_runtime, onnx_model
+graph = onnx_model.descriptor_network(1)
+network = mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, graph.key, background=True)
+served = onnx_model.DescriptorGraph(graph.session, graph.key, network)
+chips = np.load(sys.argv[1])
+rows = 0
+while not network._loaded.is_set() or rows < 40:
+    served(chips)
+    rows += 1
+    print(json.dumps({"row": rows}))
+network.load()
+print(json.dumps({"row": rows + 1, "mnn": bool(np.array_equal(served(chips), network(chips)))}))
+"""
+
+
+def test_mnn_starting_in_the_background_writes_nothing_on_stdout_and_loses_no_row(chips, tmp_path):
+    if mnn_runtime._C_STDOUT is None:
+        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
+    np.save(tmp_path / "chips.npy", chips[:mnn_runtime.MIN_BATCH])
+    for unbuffered in ("", "1"):  # C's stdout buffered by block, and unbuffered (python -u)
+        env = os.environ | {mnn_runtime.RUNTIME_ENV: "mnn", "FACEGENDER_CACHE": str(tmp_path / f"cache{unbuffered}"),
+                            "PYTHONUNBUFFERED": unbuffered}
+        done = subprocess.run([sys.executable, "-c", BACKGROUND_START, str(tmp_path / "chips.npy")],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but rows
+        assert [r["row"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 40
+        assert rows[-1]["mnn"] is True
+
+
 def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_runtime):
     descriptor_runtime("onnxruntime")
     assert mnn_runtime.chosen_runtime() == "onnxruntime"

@@ -6,7 +6,9 @@ result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 4.1 against
 of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``). MNN's wheel carries
 AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
 CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
-pay over a batch), and so do small batches and a process's first few (``MNNNetwork.takes``).
+pay over a batch), and so do small batches and a process's first few (``MNNNetwork.takes``). Where a
+stream of small batches (a server's) starts it and the process has a core to spare, MNN starts in a thread
+of its own while onnxruntime goes on: no request waits for it.
 ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
 
 The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
@@ -41,7 +43,9 @@ MNN_BATCH = 16
 # MNN's start (import, load, its weights' transforms: 0.37 s on that core) pays back after about 160 faces at
 # 2.3 ms saved each: it starts on a call of START_CHIPS chips (predict's batches over a folder) or once
 # START_AFTER have run (a server's requests); until then onnxruntime runs them, so labelling a photo or a
-# few starts as fast as before.
+# few starts as fast as before. A folder's batch waits for it (its run goes on for a while, and one core
+# gains nothing from a second thread); a server's requests, where it has a core to spare, do not: MNN then
+# starts in the background and takes the batches that come once it is ready.
 START_CHIPS = 64
 START_AFTER = 160
 # MNN's converter itself, not its `mnnconvert` script: that wrapper sends a usage log to a remote service (and
@@ -75,10 +79,50 @@ def _x86_without_avx512() -> bool:
     return flags is not None and "avx2" in flags and "avx512f" not in flags
 
 
+def _c_stdout():
+    """(glibc, the address of its ``stdout`` variable) on Linux with glibc, which lets that variable be set
+    (musl's is constant); else None."""
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's own
+        variable = ctypes.c_void_p.in_dll(libc, "stdout")
+    except (OSError, ValueError, AttributeError):
+        return None
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = libc.fflush.argtypes = [ctypes.c_void_p]
+    return libc, variable
+
+
+_C_STDOUT = _c_stdout()
+_C_STDOUT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet():
     """MNN's library prints notices ("MNN use high precision") on stdout, where predict writes its results;
-    they go nowhere (its failures still surface: as exceptions, or as an output of the wrong shape)."""
+    they go nowhere (its failures still surface: as exceptions, or as an output of the wrong shape).
+
+    It prints through the C library's ``stdout`` stream, which Python's own writes bypass. With glibc that
+    variable points at a stream on /dev/null for the while: file descriptor 1 is never touched, so other
+    threads write their rows meanwhile (MNN may then start in a thread of its own). Elsewhere fd 1 points at
+    /dev/null for the while, so only the caller's thread may write."""
+    if _C_STDOUT is not None:
+        libc, variable = _C_STDOUT
+        with _C_STDOUT_LOCK:
+            null = libc.fopen(os.devnull.encode(), b"w")
+            if null:
+                real = variable.value
+                libc.fflush(real)  # what C code wrote before goes out now, as it would have
+                variable.value = null
+                try:
+                    yield
+                finally:
+                    variable.value = real
+                    libc.fclose(null)
+                return
     sys.stdout.flush()
     saved = os.dup(1)
     with open(os.devnull, "wb") as null:
@@ -110,40 +154,75 @@ def converted(graph: Path, key: str, version: str) -> Path:
 class MNNNetwork:
     """Chips (uint8 N x 150 x 150 x 3) -> the graph's first output, on MNN's CPU backend in float32.
 
-    Made on first call (import, conversion, load); calls are serialised, since one MNN session is not safe
-    to run from two threads at once. It runs through MNN's session API, which lets go of Python's lock while
-    it computes (its module API holds it: a detecting thread beside it got 5% of its time; with the session
+    Made on first call (import, conversion, load), or, with ``background`` (a core to spare, and MNN's
+    notices can be sent away without touching fd 1: ``_quiet``), in a thread of its own once a stream of
+    small calls has earned it (``takes``). Calls are serialised, since one MNN session is not safe to run
+    from two threads at once. It runs through MNN's session API, which lets go of Python's lock while it
+    computes (its module API holds it: a detecting thread beside it got 5% of its time; with the session
     API, 57%, the rest of the core's)."""
 
-    def __init__(self, graph: Path, key: str):
+    def __init__(self, graph: Path, key: str, background: bool = False):
         self.graph, self.key = graph, key
+        self.background = background and _C_STDOUT is not None
         self._mnn = self._interpreter = self._session = None
         self._lock = threading.Lock()
         self._seen = 0  # chips offered so far
+        self._started = False  # a thread has begun loading it
+        self._start_lock = threading.Lock()
+        self._loaded = threading.Event()  # set once loaded, or once loading failed (``_failure``)
+        self._failure: Exception | None = None
 
     def takes(self, n: int) -> bool:
         """Whether a call of ``n`` chips runs here (else on onnxruntime): MIN_BATCH and more, once started
-        (START_CHIPS, START_AFTER)."""
+        (START_CHIPS, START_AFTER). A stream's start, in the background, leaves the calls on onnxruntime
+        until MNN is ready. Once loading has failed it takes them, and the call raises why."""
         if n < MIN_BATCH:
             return False
         self._seen += n
-        return self._session is not None or n >= START_CHIPS or self._seen >= START_AFTER
+        if self._loaded.is_set() or n >= START_CHIPS:  # a folder's batch loads it first, or waits for it
+            return True
+        if self._seen < START_AFTER:
+            return False
+        if not self.background:
+            return True
+        if self._begin():
+            threading.Thread(target=self._load_once, name="facegender-mnn-start", daemon=True).start()
+        return False
 
-    def _load(self):
-        with _quiet():
-            import MNN
+    def load(self) -> None:
+        """Load MNN in this thread, or wait for the thread loading it; raise why it could not be loaded."""
+        if self._begin():
+            self._load_once()
+        self._loaded.wait()
+        if self._failure is not None:
+            raise self._failure
 
-            interpreter = MNN.Interpreter(str(converted(self.graph, self.key, MNN.version())))
-            # One thread: on two, MNN took 6.6 ms of CPU a face against 4.1 on one, its wall time no better than
-            # onnxruntime's on two; predict's and serve's other threads (decoding, detecting) use the other cores.
-            self._session = interpreter.createSession({"precision": "high", "numThread": 1})  # high: float32
-        self._mnn, self._interpreter = MNN, interpreter
+    def _begin(self) -> bool:
+        """True for the one caller that is to load it."""
+        with self._start_lock:
+            first, self._started = not self._started, True
+        return first
+
+    def _load_once(self) -> None:
+        try:
+            with _quiet():
+                import MNN
+
+                interpreter = MNN.Interpreter(str(converted(self.graph, self.key, MNN.version())))
+                # One thread: on two, MNN took 6.6 ms of CPU a face against 4.1 on one, its wall time no better
+                # than onnxruntime's on two; predict's and serve's other threads (decoding, detecting) use the
+                # other cores.
+                session = interpreter.createSession({"precision": "high", "numThread": 1})  # high: float32
+            self._mnn, self._interpreter, self._session = MNN, interpreter, session
+        except Exception as e:  # raised to the callers by load()
+            self._failure = e
+        finally:
+            self._loaded.set()
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         chips = np.ascontiguousarray(chips, dtype=np.uint8)
+        self.load()
         with self._lock:
-            if self._session is None:
-                self._load()
             return np.concatenate([self._run(chips[i:i + MNN_BATCH]) for i in range(0, len(chips), MNN_BATCH)])
 
     def _run(self, chips: np.ndarray) -> np.ndarray:
@@ -164,15 +243,16 @@ class MNNNetwork:
         return np.array(host.getNumpyData(), dtype=np.float32).reshape(shape)
 
 
-def mnn_network(graph: Path, key: str) -> MNNNetwork | None:
-    """The graph on MNN where this machine should run it there and MNN is installed; else None."""
+def mnn_network(graph: Path, key: str, background: bool = False) -> MNNNetwork | None:
+    """The graph on MNN where this machine should run it there and MNN is installed; else None.
+    ``background``: a server's stream of calls may start it in a thread of its own (``MNNNetwork``)."""
     if chosen_runtime() != "mnn":
         return None
     if importlib.util.find_spec("MNN") is None:  # not imported here: it prints on import, and loads on first use
         if _asked() == "mnn":
             raise UserError(f"{RUNTIME_ENV}=mnn: MNN is not installed; pip install MNN")
         return None
-    return MNNNetwork(graph, key)
+    return MNNNetwork(graph, key, background)
 
 
 def warn_fallback(error: Exception) -> None:

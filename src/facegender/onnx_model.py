@@ -129,7 +129,8 @@ def descriptor_network(threads: int | None = None) -> DescriptorGraph:
     data = DESCRIPTOR_NETWORK.read_bytes()
     sess, key = session(data, threads, str(DESCRIPTOR_NETWORK)), _key(data)
     on_gpu = "CUDAExecutionProvider" in sess.get_providers()
-    fast = None if on_gpu else mnn_network(DESCRIPTOR_NETWORK, key)
+    # with a core to spare, a server's stream of requests starts MNN beside them, not inside one
+    fast = None if on_gpu else mnn_network(DESCRIPTOR_NETWORK, key, background=default_threads() > 1)
     return DescriptorGraph(sess, key, fast)
 
 
