@@ -182,6 +182,24 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     assert np.array_equal(got, sess.run(["descriptor"], {"chips": many})[0])
 
 
+def test_a_background_start_that_fails_falls_back_to_onnxruntime_with_a_warning(chips, tmp_path):
+    if mnn_runtime._C_STDOUT is None:
+        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    graph = onnx_model.descriptor_network(1)
+    sess, key = graph.session, graph.key
+    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", background=True))
+    few = chips[:mnn_runtime.MIN_BATCH]
+    on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
+    for _ in range(-(-mnn_runtime.START_AFTER // len(few))):
+        assert np.array_equal(served(few), on_onnxruntime)
+    assert served.fast._loaded.wait(300) and served.fast._failure is not None  # its thread failed, quietly
+    with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
+        assert np.array_equal(served(few), on_onnxruntime)
+    assert served.fast is None
+
+
 def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_path):
     photo = astronaut().resize((256, 256))
     folder = tmp_path / "photos"
