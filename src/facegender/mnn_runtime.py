@@ -107,7 +107,8 @@ def _quiet():
 
     It prints through the C library's ``stdout`` stream, which Python's own writes bypass. With glibc that
     variable points at a stream on /dev/null for the while: file descriptor 1 is never touched, so other
-    threads write their rows meanwhile (MNN may then start in a thread of its own). Elsewhere fd 1 points at
+    threads write their rows meanwhile (MNN may then start in a thread of its own; only C code printing
+    on stdout from another thread in that second would print to /dev/null too). Elsewhere fd 1 points at
     /dev/null for the while, so only the caller's thread may write."""
     if _C_STDOUT is not None:
         libc, variable = _C_STDOUT
