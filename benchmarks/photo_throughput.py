@@ -12,7 +12,9 @@ model's start-up is timed separately and left out of the rate. No arguments need
 into its own throw-away environment, or skipped with a message) on the same photos, each in a process
 pinned to one core (taskset), start-up left out, and prints as its last line
 ``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``;
-``--before CHECKOUT`` adds that checkout's ``predict`` (its own defaults) and the ratios to it.
+``--before CHECKOUT`` adds that checkout's ``predict`` (its own defaults) and the ratios to it;
+``--rounds N`` runs it all N times over and reports medians, each ratio the median of the rounds' own
+(this machine's speed drifts by 10-20% over minutes: one round's ratios moved by up to 0.1).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from common import SHARED
 from PIL import Image, ImageFilter
 
@@ -126,31 +129,48 @@ def one_core(python: Path, script: str, *args: str, source: Path | None = None) 
     return float(rate), int(count)
 
 
-def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None) -> None:
+def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, rounds: int = 1) -> None:
     """Ours (BlazeFace and HOG; and a checkout from ``before`` BlazeFace, with its own defaults) and the peer
-    on the same photos, one core each, one after the other."""
+    on the same photos, one core each, one after the other; ``rounds`` times over. With several rounds the
+    rates are medians, and each ratio is the median of the rounds' own (the two rates it divides measured
+    minutes apart, not across the machine's drift over the whole run), with its range."""
     python = peer_python()
-    ours = {}
-    for name, folder in sets.items():
-        out = str(root / "one-core.jsonl")
-        if before is not None:
-            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, source=before)
-            ours[name, "before"] = rate
-            print(f"  one core, facegender of {before!s:22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
-        for detector in ("blazeface", "hog"):
-            rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
-            ours[name, detector] = rate
-            print(f"  one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
-        if python:
-            rate, faces = one_core(python, PEER_RUN, str(folder))
-            ours[name, "peer"] = rate
-            print(f"  one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
-    single, multi = ours["single-face 250 px", "blazeface"], ours["multi-face 640x480", "blazeface"]
-    ratio = f"{single / ours['single-face 250 px', 'peer']:.2f} x the peer per core" if python else "peer not measured"
+    runs: dict[tuple[str, str], list[float]] = {}
+    for turn in range(1, rounds + 1):
+        mark = f"round {turn}: " if rounds > 1 else ""
+        for name, folder in sets.items():
+            out = str(root / "one-core.jsonl")
+            if before is not None:
+                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, source=before)
+                runs.setdefault((name, "before"), []).append(rate)
+                print(f"  {mark}one core, facegender of {before!s:22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
+            for detector in ("blazeface", "hog"):
+                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
+                runs.setdefault((name, detector), []).append(rate)
+                print(f"  {mark}one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
+            if python:
+                rate, faces = one_core(python, PEER_RUN, str(folder))
+                runs.setdefault((name, "peer"), []).append(rate)
+                print(f"  {mark}one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
+
+    def ratio(name: str, other: str) -> tuple[float, str]:
+        each = [a / b for a, b in zip(runs[name, "blazeface"], runs[name, other])]
+        spread = f" ({min(each):.2f}-{max(each):.2f})" if rounds > 1 else ""
+        return float(np.median(each)), spread
+
+    if rounds > 1:
+        for (name, who), rates in runs.items():
+            print(f"median of {rounds} rounds, {who:9s} {name:20s} {np.median(rates):6.1f} photos/s "
+                  f"({min(rates):.1f}-{max(rates):.1f})")
+    single, multi = (float(np.median(runs[name, "blazeface"])) for name in sets)
     if before is not None:
-        print(f"against {before}: " + ", ".join(f"{name} {ours[name, 'blazeface'] / ours[name, 'before']:.2f}x"
-                                               for name in sets))
-    print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, {ratio}")
+        print(f"against {before}: " + ", ".join(f"{name} {r:.2f}x{spread}" for name in sets for r, spread in [ratio(name, "before")]))
+    if python:
+        r, spread = ratio("single-face 250 px", "peer")
+        print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, "
+              f"{r:.2f} x the peer per core{spread}")
+    else:
+        print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, peer not measured")
 
 
 def main() -> None:
@@ -163,10 +183,14 @@ def main() -> None:
                         help="bundled models (or checkpoints), comma-separated; the first is also timed with HOG")
     parser.add_argument("--vs-peer", action="store_true",
                         help=f"only the one-core comparison with {PEER} (the default model, both detectors)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --vs-peer: run the comparison this many times over; medians, ratios per round")
     parser.add_argument("--before", type=Path, metavar="CHECKOUT",
                         help="with --vs-peer: also time this checkout of facegender (e.g. `git archive 061abab`, the "
                              "last one before BlazeFace) on the same photos, with its defaults")
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
     if not (SHARED / "celeba").is_dir() or not (SHARED / "scut_fbp5500").is_dir():
         raise SystemExit(f"benchmark: needs CelebA and SCUT-FBP5500 under {SHARED}")
     with tempfile.TemporaryDirectory(prefix="facegender-photos-") as tmp:
@@ -177,7 +201,7 @@ def main() -> None:
         single_face_photos(sets["single-face 250 px"], args.photos)
         multi_face_photos(sets["multi-face 640x480"], args.composites)
         if args.vs_peer:
-            vs_peer(sets, root, args.before)
+            vs_peer(sets, root, args.before, args.rounds)
             return
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         rates = {}
