@@ -153,10 +153,10 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
                 runs.setdefault((name, "peer"), []).append(rate)
                 print(f"  {mark}one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
 
-    def ratio(name: str, other: str) -> tuple[float, str]:
+    def ratio(name: str, other: str, unit: str) -> str:
         each = [a / b for a, b in zip(runs[name, "blazeface"], runs[name, other])]
         spread = f" ({min(each):.2f}-{max(each):.2f})" if rounds > 1 else ""
-        return float(np.median(each)), spread
+        return f"{np.median(each):.2f}{unit}{spread}"
 
     if rounds > 1:
         for (name, who), rates in runs.items():
@@ -164,13 +164,9 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
                   f"({min(rates):.1f}-{max(rates):.1f})")
     single, multi = (float(np.median(runs[name, "blazeface"])) for name in sets)
     if before is not None:
-        print(f"against {before}: " + ", ".join(f"{name} {r:.2f}x{spread}" for name in sets for r, spread in [ratio(name, "before")]))
-    if python:
-        r, spread = ratio("single-face 250 px", "peer")
-        print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, "
-              f"{r:.2f} x the peer per core{spread}")
-    else:
-        print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, peer not measured")
+        print(f"against {before}: " + ", ".join(f"{name} {ratio(name, 'before', 'x')}" for name in sets))
+    peer = ratio("single-face 250 px", "peer", " x the peer per core") if python else "peer not measured"
+    print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, {peer}")
 
 
 def main() -> None:
