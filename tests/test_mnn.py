@@ -19,6 +19,8 @@ from facegender.inference import Classifier
 from facegender.io import UserError
 
 pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
+needs_glibc = pytest.mark.skipif(
+    mnn_runtime._C_STDOUT is None, reason="MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
 
 
 def astronaut() -> Image.Image:
@@ -83,9 +85,8 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     assert served.fast._session is not None
 
 
+@needs_glibc
 def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxruntime_meanwhile(chips):
-    if mnn_runtime._C_STDOUT is None:
-        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
     served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key, background=True))
@@ -122,9 +123,8 @@ print(json.dumps({"row": rows + 1, "mnn": bool(np.array_equal(served(chips), net
 """
 
 
+@needs_glibc
 def test_mnn_starting_in_the_background_writes_nothing_on_stdout_and_loses_no_row(chips, tmp_path):
-    if mnn_runtime._C_STDOUT is None:
-        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
     np.save(tmp_path / "chips.npy", chips[:mnn_runtime.MIN_BATCH])
     for unbuffered in ("", "1"):  # C's stdout buffered by block, and unbuffered (python -u)
         env = os.environ | {mnn_runtime.RUNTIME_ENV: "mnn", "FACEGENDER_CACHE": str(tmp_path / f"cache{unbuffered}"),
@@ -182,9 +182,8 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     assert np.array_equal(got, sess.run(["descriptor"], {"chips": many})[0])
 
 
+@needs_glibc
 def test_a_background_start_that_fails_falls_back_to_onnxruntime_with_a_warning(chips, tmp_path):
-    if mnn_runtime._C_STDOUT is None:
-        pytest.skip("MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     graph = onnx_model.descriptor_network(1)
