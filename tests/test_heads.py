@@ -1,6 +1,8 @@
 """Face descriptors, the descriptor head, the ensemble and distillation: real faces, real models."""
 import json
+import os
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -69,8 +71,15 @@ def test_descriptors_are_cached_by_content_and_a_lost_shard_is_recomputed(scut_s
     assert calls == [] and np.array_equal(again.vectors[::-1], first.vectors)  # keyed by content, not position
     shards = sorted((tmp_path / "cache" / "descriptors" / extractor.name).glob("shard-*.npz"))
     shards[0].unlink()  # as if the run had been killed before writing it
+    # ... and while writing it: its temporary file stays, and goes once older than any write takes
+    stale, fresh = (shards[0].parent / f".{shards[0].name}.{n}.tmp" for n in ("a1", "b2"))
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"half a shard")
+    old = time.time() - descriptors.STALE_SHARD - 60
+    os.utime(stale, (old, old))
     descriptors.cached_descriptors(samples, workers=1, extractor=counting, progress=False)
     assert 0 < sum(calls) <= descriptors.SHARD_SIZE
+    assert not stale.exists() and fresh.exists()
 
 
 def test_a_descriptor_head_is_a_real_model_everywhere(descriptor_run, scut_small, tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -162,6 +163,15 @@ def test_the_conversion_is_made_once_and_a_failed_one_leaves_no_file(tmp_path, m
     assert first.stat().st_size > 20_000_000  # the network's weights, in float32
     assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
     assert first.stat().st_mtime_ns == stamp
+    # a process killed while converting leaves its temporary file: swept once no converter can be at work
+    stale, fresh = (first.parent / f".{first.name}.{n}.tmp" for n in ("a1", "b2"))
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"half a network")
+    old = time.time() - mnn_runtime.CONVERT_TIMEOUT - 120
+    os.utime(stale, (old, old))
+    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     with pytest.raises(RuntimeError, match="MNN could not convert"):

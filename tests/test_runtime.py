@@ -1,9 +1,12 @@
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from facegender.io import UserError, atomic_open
+from facegender.io import UserError, atomic_open, remove_stale_temporaries
 from facegender.runtime import cpu_has_bf16, resolve_device, resolve_precision
 
 
@@ -29,6 +32,23 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
             f.write("half")
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_what_a_killed_write_left_is_swept_once_stale(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_text("old")
+    killed = ("import os, signal, sys\nfrom facegender.io import atomic_open\n"
+              "with atomic_open(sys.argv[1], 'wb') as f:\n    f.write(b'half')\n    f.flush()\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    for _ in range(2):
+        assert subprocess.run([sys.executable, "-c", killed, str(path)]).returncode == -9
+    left = sorted(p for p in tmp_path.iterdir() if p != path)
+    assert len(left) == 2 and all(p.name.startswith(".out.bin.") and p.suffix == ".tmp" for p in left)
+    old = time.time() - 120
+    os.utime(left[0], (old, old))
+    assert remove_stale_temporaries(tmp_path, "out.bin", 60) == 1
+    assert sorted(tmp_path.iterdir()) == sorted([path, left[1]]) and path.read_text() == "old"
+    assert remove_stale_temporaries(tmp_path, "out.bin", 600) == 0  # not stale yet: a writer may be at work
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

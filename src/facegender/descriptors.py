@@ -25,9 +25,11 @@ from tqdm import tqdm
 from .data import Sample
 from .chips import DESCRIPTOR_SIZE, chip
 from .images import BadImage, open_rgb
-from .io import atomic_open, cache_dir
+from .io import atomic_open, cache_dir, remove_stale_temporaries
 
 SHARD_SIZE = 256  # images per cache shard: what a killed run can lose
+# a shard's temporary file lives for the moment it is written: one this old is what a killed run left
+STALE_SHARD = 3600.0  # s
 
 
 class NetDescriptors:
@@ -122,6 +124,7 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
     extractor = extractor or default_extractor()
     folder = cache_root() / extractor.name
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder, "shard-*.npz", STALE_SHARD)
     keys = [sample_key(s) for s in samples]
     known = _read_shards(folder)
     todo = sorted({k: s for k, s in zip(keys, samples) if k not in known}.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -23,6 +24,19 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path, name: str, older_than: float) -> int:
+    """Delete what ``atomic_path`` left in ``folder`` for files named ``name`` (a glob pattern) in runs that
+    were killed before they could clean up, where unchanged for ``older_than`` seconds: longer than any
+    writer of such a file runs, so none is still being written. Returns how many went."""
+    removed = 0
+    for tmp in folder.glob(f".{name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # another process may sweep at the same moment
+            if time.time() - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

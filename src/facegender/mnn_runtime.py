@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import UserError, atomic_path, cache_dir
+from .io import UserError, atomic_path, cache_dir, remove_stale_temporaries
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
@@ -50,6 +50,7 @@ START_CHIPS = 64
 START_AFTER = 160
 # MNN's converter itself, not its `mnnconvert` script: that wrapper sends a usage log to a remote service (and
 # pip-installs the logging client where it is missing); this is offline, as the rest of the package.
+CONVERT_TIMEOUT = 600  # s; about 1 s on an AVX2 core
 _CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'ONNX', '--modelFile', sys.argv[1], "
             "'--MNNModel', sys.argv[2], '--bizCode', 'facegender'])")
 
@@ -140,11 +141,13 @@ def _quiet():
 def converted(graph: Path, key: str, version: str) -> Path:
     """The MNN file of an ONNX graph, converted once and cached."""
     target = cache_dir() / "mnn" / f"{graph.stem}-{key}-mnn{version}.mnn"
+    if target.parent.is_dir():  # a process killed while converting left its 22 MB temporary file
+        remove_stale_temporaries(target.parent, target.name, CONVERT_TIMEOUT + 60)
     if target.is_file():
         return target
     with atomic_path(target) as tmp:
         done = subprocess.run([sys.executable, "-c", _CONVERT, str(graph), str(tmp)], capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=CONVERT_TIMEOUT)
         # its converter reports success whatever happened: the file is the proof
         if done.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
