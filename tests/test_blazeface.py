@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -345,6 +346,27 @@ def test_letterbox_keeps_the_aspect_and_pads_to_multiples_of_32():
     tensor, k = letterbox(Image.new("RGB", (300, 190), (255, 255, 255)), 192)  # resized to 192 x 122
     assert tensor.shape == (1, 3, 128, 192) and k == pytest.approx(192 / 300)
     assert (tensor[0, :, :122, :] == 1.0).all() and (tensor[0, :, 122:, :] == -1.0).all()  # white, black padding
+
+
+def test_a_reused_input_is_each_call_s_own_in_each_thread():
+    """The passes' inputs live in memory each thread keeps: every call writes all of it (padding included, over
+    what an earlier, larger input left there); another thread has its own; what does not fit is new."""
+    photo = Image.open(sorted((shared("scut_fbp5500") / "img").glob("*.jpg"))[0]).convert("RGB")
+    white, narrow = Image.new("RGB", (384, 288), (255, 255, 255)), photo.crop((0, 0, 200, 330))
+    first = letterbox(white, 384, reuse=True)[0]
+    assert (first == 1.0).all()
+    again, k = letterbox(narrow, 384, reuse=True)
+    expected, k_new = letterbox(narrow, 384)
+    assert np.shares_memory(first, again) and k == k_new and np.array_equal(again, expected)
+    padding = again[0, :, :, round(narrow.width * k):]  # 233 px wide, padded to 256, over the white input's memory
+    assert padding.shape[2] == 23 and (padding == -1.0).all()
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(letterbox(photo, 128, reuse=True)[0]))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(elsewhere[0], again) and np.array_equal(elsewhere[0], letterbox(photo, 128)[0])
+    big = letterbox(photo, 1024, reuse=True)[0]  # 12 MB: more than the thread keeps
+    assert big.nbytes > blazeface.SCRATCH_BYTES and not np.shares_memory(big, again)
 
 
 def test_an_unknown_detector_is_a_user_error():
