@@ -7,6 +7,7 @@ import csv
 import ctypes
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -149,6 +150,8 @@ MALLOC_KEEP = {-1: 64 << 20, -2: 16 << 20, -3: 32 << 20}
 
 def _keep_freed_memory() -> None:
     """MALLOC_KEEP, with glibc; elsewhere nothing."""
+    if os.name != "posix":  # ctypes.CDLL(None) is POSIX's own
+        return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc's own
