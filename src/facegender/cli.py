@@ -140,9 +140,9 @@ def _is_checkpoint(path: str) -> bool:
     return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
 
 
-# glibc gives freed memory at the top of its heap back to the system as soon as 128 KB or so is free there, and
-# the next photo's arrays (its pixels, the detector's inputs and outputs, the chips) take it back page by page:
-# about 500 page faults a 640x480 photo. predict, a process of its own, keeps up to these many bytes for reuse
+# glibc gives freed memory at the top of its heap back to the system once a little is free there (128 KB, or
+# twice the largest block it lately mapped), and the next photo's arrays (its pixels, the detector's inputs and
+# outputs, the chips) take it back page by page: about 500 page faults a 640x480 photo. predict, a process of its own, keeps up to these many bytes for reuse
 # instead (mallopt's M_TRIM_THRESHOLD, M_TOP_PAD; setting them stops glibc from adapting M_MMAP_THRESHOLD, so
 # that is set to the most it adapts to).
 MALLOC_KEEP = {-1: 64 << 20, -2: 16 << 20, -3: 32 << 20}

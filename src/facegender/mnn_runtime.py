@@ -48,9 +48,9 @@ MNN_BATCH = 16
 # starts in the background and takes the batches that come once it is ready.
 START_CHIPS = 64
 START_AFTER = 160
+CONVERT_TIMEOUT = 600  # s; about 1 s on an AVX2 core
 # MNN's converter itself, not its `mnnconvert` script: that wrapper sends a usage log to a remote service (and
 # pip-installs the logging client where it is missing); this is offline, as the rest of the package.
-CONVERT_TIMEOUT = 600  # s; about 1 s on an AVX2 core
 _CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'ONNX', '--modelFile', sys.argv[1], "
             "'--MNNModel', sys.argv[2], '--bizCode', 'facegender'])")
 
