@@ -1,7 +1,6 @@
 """The fast prediction path: native-scale detection first, detection threads, reduced decoding of big JPEGs."""
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 import threading
@@ -84,10 +83,9 @@ def test_big_jpegs_are_decoded_reduced_and_boxes_come_back_in_the_files_pixels(c
 
 
 def _glibc() -> bool:
-    try:
-        return bool(ctypes.CDLL(None).gnu_get_libc_version)
-    except (OSError, AttributeError):
-        return False
+    from facegender.images import _mallopt
+
+    return _mallopt() is not None
 
 
 REUSE = """
@@ -98,11 +96,11 @@ if len(sys.argv) > 1:
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
-    held = [np.ones(1 << 20, np.uint8) for _ in range(8)]
+    held = [np.ones(1 << 19, np.uint8) for _ in range(16)]
     del held
 before = faults()
-for _ in range(20):  # a photo's arrays, 8 MB, made and freed
-    held = [np.ones(1 << 20, np.uint8) for _ in range(8)]
+for _ in range(20):  # a photo's arrays, 16 of 512 KB (larger ones are mapped on their own: map_large_buffers)
+    held = [np.ones(1 << 19, np.uint8) for _ in range(16)]
     del held
 print(faults() - before)
 """

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import ctypes
 import importlib.util
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -140,30 +137,12 @@ def _is_checkpoint(path: str) -> bool:
     return p.suffix in (".safetensors", ".onnx") or (p.is_dir() and (p / "best.safetensors").is_file())
 
 
-# glibc gives freed memory at the top of its heap back to the system once a little is free there (128 KB, or
-# twice the largest block it lately mapped), and the next photo's arrays (its pixels, the detector's inputs and
-# outputs, the chips) take it back page by page: about 500 page faults a 640x480 photo. predict, a process of its own, keeps up to these many bytes for reuse
-# instead (mallopt's M_TRIM_THRESHOLD, M_TOP_PAD; setting them stops glibc from adapting M_MMAP_THRESHOLD, so
-# that is set to the most it adapts to).
-MALLOC_KEEP = {-1: 64 << 20, -2: 16 << 20, -3: 32 << 20}
-
-
-def _keep_freed_memory() -> None:
-    """MALLOC_KEEP, with glibc; elsewhere nothing."""
-    if os.name != "posix":  # ctypes.CDLL(None) is POSIX's own
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's own
-        for parameter, value in MALLOC_KEEP.items():
-            libc.mallopt(parameter, value)
-
-
 def cmd_predict(args) -> int:
+    from .images import keep_freed_memory
     from .inference import Classifier, expand_inputs
 
-    _keep_freed_memory()
     _decoding_limits(args)
+    keep_freed_memory()  # a process of its own, photo after photo
     inputs = list(args.inputs)
     model = args.model
     if model is None and inputs and _is_checkpoint(inputs[0]):
