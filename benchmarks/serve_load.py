@@ -186,8 +186,8 @@ def main() -> None:
             r = results[backend, on] = run(on, images, args.clients, args.seconds, args.workers, backend, args.model,
                                            args.model_threads, args.cold)
             print(f"{backend}, micro-batching {'on ' if on else 'off'}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
-                  f"p99 {r['p99']:.0f} ms, max {r['max']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch {r['mean_batch']:.2f} "
-                  f"faces, server CPU {r['cpu_ms']:.1f} ms/request (clients {r['client_ms']:.1f}), server memory "
+                  f"p99 {r['p99']:.0f} ms, max {r['max']:.0f} ms, {r['errors']} errors of {r['requests']}, mean batch "
+                  f"{r['mean_batch']:.2f} faces, server CPU {r['cpu_ms']:.1f} ms/request (clients {r['client_ms']:.1f}), server memory "
                   f"{r['mem_start']:.0f} -> {r['mem_end']:.0f} MiB ({100 * (r['mem_end'] / r['mem_start'] - 1):+.1f}%)",
                   flush=True)
         if len(modes) == 2:

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import shared
 from facegender.detect import MAX_SIDE, FaceDetector
 from facegender.images import open_rgb, open_rgb_reduced
+from facegender.io import glibc
 from facegender.inference import Classifier
 
 
@@ -82,12 +83,6 @@ def test_big_jpegs_are_decoded_reduced_and_boxes_come_back_in_the_files_pixels(c
     assert open_rgb_reduced(small, MAX_SIDE)[1] == 1.0
 
 
-def _glibc() -> bool:
-    from facegender.images import _mallopt
-
-    return _mallopt() is not None
-
-
 REUSE = """
 import resource, sys, numpy as np
 from facegender.cli import main
@@ -106,7 +101,7 @@ print(faults() - before)
 """
 
 
-@pytest.mark.skipif(not _glibc(), reason="predict keeps freed memory through glibc's mallopt")
+@pytest.mark.skipif(glibc() is None, reason="predict keeps freed memory through glibc's mallopt")
 def test_predict_keeps_freed_memory_for_the_next_photo(tmp_path):
     """glibc gives a freed heap top back to the system, and the next photo's arrays fault it in again page by
     page; predict's process keeps it."""

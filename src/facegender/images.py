@@ -10,7 +10,6 @@ a few MiB of strips.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import math
 import multiprocessing
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import IMAGE_SIZE
-from .io import UserError
+from .io import UserError, glibc
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels; may extend beyond the image
 
@@ -73,18 +72,6 @@ def set_max_pixels(pixels: int) -> None:
     os.environ[_MAX_PIXELS_ENV] = str(int(pixels))
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``; None where malloc is not glibc's."""
-    if os.name != "posix":  # ctypes.CDLL(None) is POSIX's own
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's own (musl has a mallopt that does nothing)
-        return libc.mallopt
-    except (OSError, AttributeError):
-        return None
-
-
 def map_large_buffers(threshold: int = 1 << 20) -> None:
     """Have the C allocator map every buffer of ``threshold`` bytes or more on its own and unmap it when
     freed: then the memory of a large image (its pixels, its strips, its upload) goes back to the system as
@@ -92,9 +79,9 @@ def map_large_buffers(threshold: int = 1 << 20) -> None:
     which large images are carved from the heap, whose freed pieces stay resident and add up image after
     image (measured: +100 MB over seven large images). Process-wide; does nothing where malloc is not glibc's.
     """
-    mallopt = _mallopt()
-    if mallopt is not None:
-        mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic threshold off
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic threshold off
 
 
 # glibc gives freed memory at the top of its heap back to the system once a little is free there (128 KB, or
@@ -108,10 +95,10 @@ def keep_freed_memory() -> None:
     Beside ``map_large_buffers`` (which still sends buffers of its threshold and more back at once), so only
     the many smaller arrays of a photo stay. Process-wide (for a process of facegender's own: ``predict``);
     does nothing where malloc is not glibc's."""
-    mallopt = _mallopt()
-    if mallopt is not None:
+    libc = glibc()
+    if libc is not None:
         for parameter, value in KEEP_FREED.items():
-            mallopt(parameter, value)
+            libc.mallopt(parameter, value)
 
 
 def limit_png_text(total: int = 4 << 20) -> None:

@@ -1,7 +1,10 @@
-"""Atomic file output: a failure never leaves a half-written file behind."""
+"""Atomic file output: a failure never leaves a half-written file behind. Also where the process's C library is
+found, for the few settings facegender makes in it."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import tempfile
 import time
@@ -50,6 +53,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc, else None: its ``mallopt`` (``images``) and its ``stdout``
+    variable (``mnn_runtime``) are what facegender sets, and musl's are a no-op and a constant."""
+    if os.name != "posix":  # ctypes.CDLL(None) is POSIX's own
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's own
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def cache_dir() -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import UserError, atomic_path, cache_dir, remove_stale_temporaries
+from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporaries
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
@@ -83,13 +83,12 @@ def _x86_without_avx512() -> bool:
 def _c_stdout():
     """(glibc, the address of its ``stdout`` variable) on Linux with glibc, which lets that variable be set
     (musl's is constant); else None."""
-    if os.name != "posix":
+    libc = glibc()
+    if libc is None:
         return None
     try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's own
         variable = ctypes.c_void_p.in_dll(libc, "stdout")
-    except (OSError, ValueError, AttributeError):
+    except ValueError:
         return None
     libc.fopen.restype = ctypes.c_void_p
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
@@ -141,8 +140,7 @@ def _quiet():
 def converted(graph: Path, key: str, version: str) -> Path:
     """The MNN file of an ONNX graph, converted once and cached."""
     target = cache_dir() / "mnn" / f"{graph.stem}-{key}-mnn{version}.mnn"
-    if target.parent.is_dir():  # a process killed while converting left its 22 MB temporary file
-        remove_stale_temporaries(target.parent, target.name, CONVERT_TIMEOUT + 60)
+    remove_stale_temporaries(target.parent, target.name, CONVERT_TIMEOUT + 60)  # a killed conversion's 22 MB
     if target.is_file():
         return target
     with atomic_path(target) as tmp:
