@@ -18,7 +18,9 @@ from facegender.detect import (
     DETECTORS,
     FACE_AT_INPUT,
     MAX_SIDE,
+    MIN_FACE,
     PASS_RATIO,
+    TILE_SIDE,
     FaceDetector,
 )
 from facegender.io import UserError
@@ -223,15 +225,19 @@ def test_a_second_look_scores_each_window_alone_however_many_share_a_run(detecto
     assert min(together[::2]) >= detect.SECOND_LOOK_MIN_SCORE > max(together[1::2])  # the faces, then beside them
 
 
-@pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100])
+@pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100, None])
 def test_passes_grow_in_bounded_steps_to_the_input_that_shows_min_face(min_face):
     for longer in (200, 399, 640, 800, 1280, 4000):
-        sides = FaceDetector(min_face=min_face).passes(longer)
+        detector = FaceDetector(min_face=min_face)
+        sides = detector.passes(longer)
         assert sides[0] == 128 and sides == sorted(set(sides)) and all(s % 32 == 0 for s in sides)
         assert all(b / a <= PASS_RATIO + 0.3 for a, b in zip(sides, sides[1:]))  # rounding to 32 px
         assert sides[-1] <= max(128, longer)
-        shown = min_face * sides[-1] / min(longer, MAX_SIDE)  # the smallest face sought, px at the last input
-        step = 32 * min_face / min(longer, MAX_SIDE)  # what one 32 px step of the input changes it by
+        # an explicit min_face counts in the photo's px; the default's grows with photos over MAX_SIDE
+        smallest = min_face or MIN_FACE * max(1, longer / MAX_SIDE)
+        assert detector.smallest(longer) == pytest.approx(smallest)
+        shown = smallest * sides[-1] / longer  # the smallest face sought, px at the last input
+        step = 32 * smallest / longer  # what one 32 px step of the input changes it by
         capped = sides[-1] == longer // 32 * 32  # the whole image, unenlarged: it cannot show more
         assert len(sides) == 1 or shown <= FACE_AT_INPUT and (shown >= FACE_AT_INPUT - step or capped)
 
@@ -433,6 +439,57 @@ def test_min_face_on_the_command_line_reaches_the_detector(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--min-face 0.0: must be above 0 (px)")
 
 
+def a_big_group_photo(face: int) -> tuple[Image.Image, list[tuple[int, int]]]:
+    """A 3200 x 2400 photo with 12 portraits pasted at ``face`` px, most across an edge of the tiles that a
+    min_face=48 pass (1600 px, half the photo's scale) cuts (edges at the photo's x 1152, 1536, 1664, 2688 and
+    y 864, 1536)."""
+    canvas = Image.new("RGB", (3200, 2400), (110, 120, 100))
+    places = [(x, y) for y in (300, 830, 1480) for x in (200, 1100, 1490, 2640)]
+    for portrait, place in zip(portraits(len(places)), places):
+        canvas.paste(portrait.resize((face, face), Image.BICUBIC), place)
+    return canvas, places
+
+
+def test_min_face_counts_in_the_photos_pixels_and_big_passes_run_in_tiles():
+    """In a photo over MAX_SIDE the default seeks faces of the same share of the photo as in one of MAX_SIDE
+    (here 100 px); an explicit min_face is px of the photo, whatever its size. The 1600 px pass it takes runs
+    on tiles of TILE_SIDE, and each face, across a tile's edge or not, comes back once."""
+    canvas, places = a_big_group_photo(80)  # faces of about 48 px
+    default, asked = FaceDetector(), FaceDetector(min_face=48)
+    assert default.smallest(3200) == MIN_FACE * 3200 / MAX_SIDE and asked.smallest(3200) == 48
+    assert default.passes(3200)[-1] == 768 and asked.passes(3200)[-1] == 1600 > TILE_SIDE
+    faces = asked.detect(canvas)
+    assert found_at(faces, places, 80) == (len(places), 0) and len(faces) == len(places)  # each once
+    assert found_at(default.detect(canvas), places, 80)[0] < len(places) // 2
+    # a copy at half the size, said to be reduced by 2 while decoding, is searched as the photo was
+    half = canvas.resize((1600, 1200), Image.BOX)
+    halved = asked.detect(half, scale=2.0)
+    assert found_at(halved, [(x // 2, y // 2) for x, y in places], 40) == (len(places), 0)
+    assert asked.largest_reduction() == 2 and default.largest_reduction() is None
+
+
+def test_a_big_jpeg_decodes_no_more_reduced_than_min_face_allows(tmp_path):
+    import json
+
+    from facegender.cli import main
+    from facegender.images import open_rgb_reduced
+
+    canvas, places = a_big_group_photo(80)
+    photo, out = tmp_path / "group.jpg", tmp_path / "rows.jsonl"
+    canvas.save(photo, quality=92)
+    assert open_rgb_reduced(photo, MAX_SIDE)[0].size == (1600, 1200)  # libjpeg's 1/2: at least MAX_SIDE
+    assert open_rgb_reduced(photo, MAX_SIDE, most_reduced=1)[0].size == (3200, 2400)
+    faces = {}
+    for option in ([], ["--min-face", "48"]):
+        assert main(["predict", str(photo), "--output", str(out), *option]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        faces[len(option)] = rows[0]["faces"]
+    assert faces[0] < len(places) // 2 and faces[2] == len(places)
+    boxes = [row["box"] for row in rows]  # in the file's pixels
+    centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes]
+    assert all(any(x < cx < x + 80 and y < cy < y + 80 for x, y in places) for cx, cy in centres)
+
+
 def test_a_server_started_with_min_face_detects_with_it(tmp_path):
     """A real `facegender serve --min-face 200` on loopback: the 48 px faces that predict's default finds are
     below what it looks for."""
@@ -452,12 +509,33 @@ def test_a_server_started_with_min_face_detects_with_it(tmp_path):
     assert len(FaceDetector().detect(canvas)) == len(places)  # what the default finds in the same picture
 
 
+def test_a_server_with_min_face_finds_small_faces_in_a_big_upload(tmp_path):
+    """A real `facegender serve --min-face 48`: a 3200 px JPEG decodes at no less than half its size, and its
+    48 px faces come back with boxes in the upload's pixels."""
+    import base64
+    import json
+    import urllib.request
+
+    pytest.importorskip("fastapi", reason="the serving extra (fastapi) is not installed")
+    canvas, places = a_big_group_photo(80)
+    photo = tmp_path / "group.jpg"
+    canvas.save(photo, quality=92)
+    with serve_process(tmp_path / "serve.log", "--min-face", "48") as (url, _):
+        body = json.dumps({"image": base64.b64encode(photo.read_bytes()).decode()}).encode()
+        request = urllib.request.Request(f"{url}/v1/predict", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+    assert (answer["width"], answer["height"], answer["faces"]) == (3200, 2400, len(places))
+    centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in (p["box"] for p in answer["predictions"])]
+    assert all(any(x < cx < x + 80 and y < cy < y + 80 for x, y in places) for cx, cy in centres)
+
+
 def test_the_command_lines_spelled_out_detector_options_are_detects_own():
     from facegender import cli, detect
 
     assert cli.DETECTOR_OPTION["choices"] == list(detect.DETECTORS)
     assert cli.DETECTOR_OPTION["default"] == detect.DEFAULT_DETECTOR
-    assert cli.MIN_FACE == detect.MIN_FACE
+    assert cli.MIN_FACE == detect.MIN_FACE and cli.MAX_SIDE == detect.MAX_SIDE
 
 
 def test_an_unknown_detector_on_the_command_line_is_refused(capsys):

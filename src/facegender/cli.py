@@ -242,8 +242,10 @@ DETECTOR_OPTION = {"choices": ["blazeface", "hog"], "default": "blazeface",
                    "help": "face detector: blazeface (default: MediaPipe's BlazeFace, finds tilted, profile and "
                            "small faces) or hog (dlib's HOG: upright, near-frontal faces of 80 px and more)"}
 MIN_FACE = 40  # detect.MIN_FACE, spelled out for the same reason
-MIN_FACE_HELP = (f"BlazeFace only: the smallest face to look for, in px of the photo (default {MIN_FACE}); smaller "
-                 "finds faces further away in big photos and costs more time per photo")
+MAX_SIDE = 1280  # detect.MAX_SIDE, likewise
+MIN_FACE_HELP = (f"BlazeFace only: the smallest face to look for, in px of the photo (default {MIN_FACE}, and in photos "
+                 f"over {MAX_SIDE} px the same share of the photo: {MIN_FACE * 4000 / MAX_SIDE:.0f} px in a 4000 px one); "
+                 "smaller finds faces further away and costs more time per photo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,6 +88,12 @@ BESIDE_LARGER_RATIO = 2.0
 # shows a ``min_face`` face at this many px (its smallest; a larger input missed tight UTKFace chips).
 FULL_FACE_AT_INPUT = 28
 MIN_FACE = 40  # px, the default smallest face sought; HOG's smallest, in small images
+# A pass whose input's longer side exceeds TILE_SIDE (only where min_face asks for small faces in a big photo)
+# runs on tiles of TILE_SIDE px, TILE_OVERLAP px apart: one 2432 x 1824 pass held 630 MB and took 440 ms, one
+# of 1280 x 960 167 MB; the default's largest pass, 768 x 576 (photos of 1280 px and more), is not tiled.
+TILE_SIDE = 768
+TILE_OVERLAP = 192  # px at the input: a pass's faces are 24 px to about 3.5 times that there (PASS_RATIO)
+TILE_EDGE = 8  # px: a detection this near a tile's inner edge is a face cut by it
 SMALLEST_FACE = 32  # px: in an image whose shorter side is less, BlazeFace took 5-20% of smoothed noise for faces
 # A BlazeFace miss is retried on a copy padded by this share of the longer side: on the UTKFace chips it
 # missed, half the side found more faces than a quarter.
@@ -170,10 +176,9 @@ class FaceDetector:
         # HOG only. True: search small images at double size even where native scale found a face, which
         # also finds faces of 40-80 px beside bigger ones in them, at about five times the cost
         self.always_upsample = always_upsample
-        # BlazeFace only: the smallest face sought, px (None: MIN_FACE). Smaller costs more: the largest
-        # pass's input grows with 1/min_face (``passes``)
-        min_face = MIN_FACE if min_face is None else min_face
-        if min_face <= 0:
+        # BlazeFace only: the smallest face sought, px of the photo (None: ``smallest``'s default). Smaller
+        # costs more: the largest pass's input grows with 1/min_face (``passes``)
+        if min_face is not None and min_face <= 0:
             raise UserError(f"--min-face {min_face}: must be above 0 (px)")
         self.min_face = min_face
         self._idle: list = []  # loaded (detector, landmarks, dlib) sets that no thread is using now
@@ -199,13 +204,32 @@ class FaceDetector:
             with self._lock:
                 self._idle.append(models)
 
-    def detect(self, image: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
+    def smallest(self, longer: float) -> float:
+        """The smallest face sought (BlazeFace), px of a photo whose longer side is ``longer`` px: ``min_face``
+        where given; by default MIN_FACE, and in photos larger than MAX_SIDE the same share of the photo as
+        in one of MAX_SIDE (a 4000 px photo: 125 px), which keeps a big photo's cost near a MAX_SIDE one's."""
+        if self.min_face is not None:
+            return self.min_face
+        return MIN_FACE * max(1.0, longer / MAX_SIDE)
+
+    def largest_reduction(self) -> int | None:
+        """The largest whole factor by which a photo may be shrunk while it decodes (``images.open_image``)
+        and still show a ``min_face`` face at FACE_AT_INPUT px: None where ``min_face`` is the default,
+        whose smallest face grows with the photo."""
+        if self.kind != "blazeface" or self.min_face is None:
+            return None
+        return max(1, int(self.min_face // FACE_AT_INPUT))
+
+    def detect(self, image: Image.Image, pixels: Callable[[], np.ndarray] | None = None,
+               scale: float = 1.0) -> list[Face]:
         """Every face in ``image``, largest first. ``pixels``: where the caller needs the RGB image as an array
         too, a function that makes it once (the landmark model reads the array, and each conversion copies the
-        photo); called only where the detector needs the array."""
+        photo); called only where the detector needs the array. ``scale``: the photo's pixels per pixel of
+        ``image``, where it was reduced while decoding (``min_face`` counts in the photo's pixels)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         with self._borrowed() as models:
-            faces = self._blazeface(models, rgb, pixels) if self.kind == "blazeface" else self._hog(models, rgb, pixels)
+            faces = (self._blazeface(models, rgb, pixels, scale) if self.kind == "blazeface"
+                     else self._hog(models, rgb, pixels))
         return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
 
     def _hog(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
@@ -236,10 +260,11 @@ class FaceDetector:
             faces.append(_with_landmarks(box, float(score), pts))
         return faces
 
-    def _blazeface(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
+    def _blazeface(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None,
+                   scale: float = 1.0) -> list[Face]:
         """The short-range network at its own 128 px (faces of a fifth of the image and more) and, where
         the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
-        ``min_face`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
+        ``smallest`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
         where the first pass found nothing). Every pass reads one resized copy. What a larger pass doubts
         gets a second look at a window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
@@ -251,7 +276,8 @@ class FaceDetector:
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
         small = longer < UPSAMPLE_BELOW
-        sides = self.passes(longer)
+        smallest = self.smallest(longer * scale) / scale  # px of rgb
+        sides = self.passes(longer, smallest)
         base, k = rgb, 1.0  # the copy every pass reads, and its scale
         if len(sides) > 1 and not small:
             k = sides[-1] / longer
@@ -262,7 +288,7 @@ class FaceDetector:
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
         if not (small and found[0]):
             score = DOUBTFUL_SCORE if self.min_score is None else self.min_score
-            larger = [[_scaled_detection(d, k) for d in short.detect(base, side, min_score=score)] for side in sides[1:]]
+            larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score)] for side in sides[1:]]
             if self.min_score is None:
                 larger = _second_looked(short, rgb, larger)
                 largest = max((_side(d) for one in [[d for d, _ in found[0]], *larger] for d in one), default=0.0)
@@ -270,7 +296,7 @@ class FaceDetector:
                           for one in larger]
             found += [[(d, "short") for d in one] for one in larger]
         if not any(found) and small:  # the full-range network sees some faces the short-range one misses
-            side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / self.min_face) // MULTIPLE * MULTIPLE)
+            side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / smallest) // MULTIPLE * MULTIPLE)
             found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
         if not any(found) and small:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
@@ -282,18 +308,52 @@ class FaceDetector:
         _, landmarks, dlib = models
         return [_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in merge(as_hog)]
 
-    def passes(self, longer: int) -> list[int]:
+    def passes(self, longer: int, smallest: float | None = None) -> list[int]:
         """The inputs (longer side, px) of the short-range network's passes over an image whose longer side
-        is ``longer``: 128, then up to the one that shows a ``min_face`` face at FACE_AT_INPUT px (never
-        larger than the image, nor than MAX_SIDE shows it: in a bigger image the smallest face sought grows
-        with it), in steps of at most PASS_RATIO, multiples of 32."""
+        is ``longer``: 128, then up to the one that shows a face of ``smallest`` px (default: ``smallest``'s
+        for an image of that size) at FACE_AT_INPUT px, never larger than the image, in steps of at most
+        PASS_RATIO, multiples of 32."""
+        smallest = self.smallest(longer) if smallest is None else smallest
         first = NETWORKS["short"].side
-        last = min(longer, min(longer, MAX_SIDE) * FACE_AT_INPUT / self.min_face) // MULTIPLE * MULTIPLE
+        last = min(longer, longer * FACE_AT_INPUT / smallest) // MULTIPLE * MULTIPLE
         if last <= first:
             return [first]
         steps = math.ceil(math.log(last / first) / math.log(PASS_RATIO))
         inner = [round(first * (last / first) ** (i / steps) / MULTIPLE) * MULTIPLE for i in range(1, steps)]
         return [first, *inner, int(last)]
+
+
+def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float) -> list[Detection]:
+    """``network.detect(image, side, min_score)``; where that input's longer side would exceed TILE_SIDE, the
+    network runs on overlapping tiles of TILE_SIDE px of the resized image instead, so that a pass's memory
+    stays that of one tile. A face up to TILE_OVERLAP - 2 TILE_EDGE px at the input lies whole in some tile,
+    TILE_EDGE px or more inside its edges; a detection nearer a tile's edge inside the image is dropped (the
+    face is cut there, and a neighbour sees it whole). Best first."""
+    if side <= TILE_SIDE:
+        return network.detect(image, side, min_score=min_score)
+    k = side / max(image.size)
+    copy = image.resize((max(1, round(image.width * k)), max(1, round(image.height * k))), Image.BOX)
+    found = []
+    for top in _tile_starts(copy.height):
+        for left in _tile_starts(copy.width):
+            tile = copy.crop((left, top, min(copy.width, left + TILE_SIDE), min(copy.height, top + TILE_SIDE)))
+            inner = (left > 0, top > 0, left + tile.width < copy.width, top + tile.height < copy.height)
+            for d in network.detect(tile, max(tile.size), min_score=min_score):
+                x0, y0, x1, y1 = d.box
+                near = (x0 < TILE_EDGE, y0 < TILE_EDGE, x1 > tile.width - TILE_EDGE, y1 > tile.height - TILE_EDGE)
+                if any(a and b for a, b in zip(inner, near)):
+                    continue
+                shift = np.array([left, top], np.float32)
+                found.append(Detection(((x0 + left) / k, (y0 + top) / k, (x1 + left) / k, (y1 + top) / k), d.score,
+                                       (d.keypoints + shift) / k))
+    return sorted(found, key=lambda d: -d.score)
+
+
+def _tile_starts(n: int) -> list[int]:
+    """Where the tiles along a side of ``n`` px start: TILE_SIDE apart less TILE_OVERLAP, the last at the end."""
+    if n <= TILE_SIDE:
+        return [0]
+    return [*range(0, n - TILE_SIDE, TILE_SIDE - TILE_OVERLAP), n - TILE_SIDE]
 
 
 def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]]) -> list[list[Detection]]:
@@ -443,7 +503,8 @@ def canonical_box(face: Face, image_size: tuple[int, int]) -> tuple[int, int, in
     return bx, by, bx + s, by + s
 
 
-def detect_faces(image: Image.Image, detector: FaceDetector,
-                 pixels: Callable[[], np.ndarray] | None = None) -> list[tuple[Face, tuple[int, int, int, int]]]:
-    """Every face in ``image`` with its canonical crop box, largest first (``pixels``: as ``FaceDetector.detect``)."""
-    return [(face, canonical_box(face, image.size)) for face in detector.detect(image, pixels)]
+def detect_faces(image: Image.Image, detector: FaceDetector, pixels: Callable[[], np.ndarray] | None = None,
+                 scale: float = 1.0) -> list[tuple[Face, tuple[int, int, int, int]]]:
+    """Every face in ``image`` with its canonical crop box, largest first (``pixels``, ``scale``: as
+    ``FaceDetector.detect``)."""
+    return [(face, canonical_box(face, image.size)) for face in detector.detect(image, pixels, scale)]

@@ -138,10 +138,12 @@ class Opened(NamedTuple):
 
 
 def open_image(source: str | os.PathLike | bytes, name, min_side: int | None = None, pixels: int | None = None,
-               afford: Callable[[int], None] | None = None) -> Opened:
+               afford: Callable[[int], None] | None = None, most_reduced: int | None = None) -> Opened:
     """Read the header of a file (a path, or the bytes of one) and check it: a format of ``FORMATS`` (else
     BadImage "not a supported image" or "not an image": 415 to the API) and at most ``pixels`` (default
     ``max_pixels()``; else "decompression bomb, refused"). Cheap: nothing is decoded yet (``decode``).
+    ``min_side``: decode no smaller than this on the longer side; ``most_reduced``: nor by more than this
+    whole factor (None: any).
 
     ``afford(cost)`` is called with the bytes decoding will hold (``Opened.cost``) before any of them are
     taken, and may raise to refuse them: a server's memory budget.
@@ -160,13 +162,13 @@ def open_image(source: str | os.PathLike | bytes, name, min_side: int | None = N
         if webp:  # checked before Pillow opens it: libwebp takes its memory then, not when it decodes
             _check_pixels(webp, name, pixels)
             if afford:
-                afford(_cost(webp, 4 + _WEBP_BYTES, min_side, as_is=False))
+                afford(_cost(webp, 4 + _WEBP_BYTES, _floor(webp, min_side, most_reduced), as_is=False))
         try:
             image = Image.open(fp, formats=FORMATS)
         except UnidentifiedImageError:
             raise BadImage(name, *_unrecognised(_prefix(source, 4096))) from None
         try:
-            opened = _checked(image, name, min_side, pixels)
+            opened = _checked(image, name, _floor(image.size, min_side, most_reduced), pixels)
             if afford and not webp:
                 afford(opened.cost)
             return opened
@@ -216,6 +218,13 @@ def _cost(size: tuple[int, int], stored: int, min_side: int | None, as_is: bool)
     if k == 1 and as_is:
         return width * height * stored
     return width * height * stored + 4 * math.ceil(width / k) * math.ceil(height / k) + _STRIP_BYTES
+
+
+def _floor(size: tuple[int, int], min_side: int | None, most_reduced: int | None) -> int | None:
+    """The ``min_side`` an image of ``size`` decodes to at least, for ``open_image``'s two bounds."""
+    if not min_side or most_reduced is None:
+        return min_side
+    return max(min_side, math.ceil(max(size) / max(1, most_reduced)))
 
 
 def _reduction(size: tuple[int, int], min_side: int | None) -> int:
@@ -338,12 +347,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     return open_rgb_reduced(path, None)[0]
 
 
-def open_rgb_reduced(path: str | os.PathLike, min_side: int | None) -> tuple[Image.Image, float]:
+def open_rgb_reduced(path: str | os.PathLike, min_side: int | None,
+                     most_reduced: int | None = None) -> tuple[Image.Image, float]:
     """``open_rgb``, but an image whose longer side exceeds twice ``min_side`` is reduced while it decodes
     (a JPEG by libjpeg at 1/2, 1/4 or 1/8 scale: several times faster than decoding it all), its longer
-    side kept at least ``min_side``. Also returns the factor from the decoded image's pixels to the file's.
+    side kept at least ``min_side`` and the factor at most ``most_reduced``. Also returns the factor from
+    the decoded image's pixels to the file's.
     """
-    return decode(open_image(path, path, min_side))
+    return decode(open_image(path, path, min_side, most_reduced=most_reduced))
 
 
 def decode_rgb(data: bytes, name: str, min_side: int | None = None) -> Image.Image:

@@ -152,17 +152,19 @@ class Classifier:
                     batch = []
         yield from self.classify(batch)
 
-    def faces(self, name: str, item, detect: bool = True) -> list[tuple[Prediction, np.ndarray | None]]:
+    def faces(self, name: str, item, detect: bool = True, scale: float = 1.0) -> list[tuple[Prediction, np.ndarray | None]]:
         """Decode and detect: each face's Prediction stub with the model's input for it.
 
         The input is None where there is nothing to classify (no face, or an unreadable image: the stub's
         ``error`` says why). Safe to call from several threads; ``classify`` does the batched model work.
-        ``detect=False`` classifies the whole image even where the classifier has a detector.
+        ``detect=False`` classifies the whole image even where the classifier has a detector. ``scale``: for
+        an image already decoded, the file's pixels per pixel of it, where decoding reduced it (the
+        detector's ``min_face`` counts in the file's pixels); boxes stay in the image's.
         """
         try:
             # a big JPEG is decoded at a reduced scale no smaller than what the detector looks at anyway
-            image, scale = (open_rgb_reduced(item, MAX_SIDE) if isinstance(item, (str, Path))
-                            else (self.load_image(item, name), 1.0))
+            image, scale = (open_rgb_reduced(item, MAX_SIDE, self.most_reduced()) if isinstance(item, (str, Path))
+                            else (self.load_image(item, name), scale))
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
         if self.detector is None or not detect:
@@ -170,12 +172,17 @@ class Classifier:
         image = image if image.mode == "RGB" else image.convert("RGB")
         # one copy of the photo for the landmarks and every face's chip (each conversion copies it), made where needed
         pixels = functools.cache(lambda: np.asarray(image))
-        found = detect_faces(image, self.detector, pixels)
+        found = detect_faces(image, self.detector, pixels, scale)
         if not found:
             return [(Prediction(name, faces=0), None)]
-        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
+        boxed = scale if isinstance(item, (str, Path)) else 1.0  # a path's boxes in the file's pixels
+        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * boxed, 1) for v in face.box)),
                  self.model.inputs(image, face, box, pixels))
                 for k, (face, box) in enumerate(found, start=1)]
+
+    def most_reduced(self) -> int | None:
+        """The largest factor a photo may be reduced by while it decodes, for this classifier's detector."""
+        return self.detector.largest_reduction() if self.detector is not None else None
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
         """Complete the stubs made by ``faces`` with one batched forward pass over their inputs."""

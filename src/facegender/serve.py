@@ -246,7 +246,8 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
         held = Held(budget, name)  # the image's decoding, given back once its faces are cut out
         try:
             # the header on the shared threads (cheap), then the decoding on the lane its size calls for
-            opened = await loop.run_in_executor(decoders, open_image, data, name, MAX_SIDE, max_pixels, held.take)
+            opened = await loop.run_in_executor(decoders, open_image, data, name, MAX_SIDE, max_pixels, held.take,
+                                                classifier.most_reduced() if detect else None)
             lane = heavy if opened.cost > HEAVY_BYTES else decoders
             (width, height), stubs = await loop.run_in_executor(lane, _decode_and_detect, classifier, opened, detect)
         finally:
@@ -384,7 +385,7 @@ def _decode_and_detect(classifier: Classifier, opened: Opened, detect: bool):
     ``MAX_SIDE`` pixels anyway, and the answer is the same as the command line's for the same file.
     """
     image, scale = decode(opened)
-    stubs = classifier.faces(opened.name, image, detect=detect)
+    stubs = classifier.faces(opened.name, image, detect=detect, scale=scale)
     if scale != 1:
         stubs = [(replace(stub, box=tuple(round(v * scale, 1) for v in stub.box)) if stub.box else stub, x)
                  for stub, x in stubs]
