@@ -64,7 +64,8 @@ class Classifier:
         self.classes = tuple(meta["classes"])
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta.get("temperature", 1.0))
-        # detector: one of detect.DETECTORS; min_face: BlazeFace's smallest face sought, px (None: detect.MIN_FACE)
+        # detector: one of detect.DETECTORS; min_face: BlazeFace's smallest face sought, px of the photo
+        # (None: FaceDetector.smallest's default)
         self.detector = FaceDetector(detector, min_face=min_face) if detect else None
         if not 0 <= min_confidence <= 1:
             raise UserError(f"--min-confidence {min_confidence}: must be between 0 and 1")
@@ -152,7 +153,8 @@ class Classifier:
                     batch = []
         yield from self.classify(batch)
 
-    def faces(self, name: str, item, detect: bool = True, scale: float = 1.0) -> list[tuple[Prediction, np.ndarray | None]]:
+    def faces(self, name: str, item, detect: bool = True,
+              scale: float = 1.0) -> list[tuple[Prediction, np.ndarray | None]]:
         """Decode and detect: each face's Prediction stub with the model's input for it.
 
         The input is None where there is nothing to classify (no face, or an unreadable image: the stub's
