@@ -332,7 +332,8 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float) 
     if side <= TILE_SIDE:
         return network.detect(image, side, min_score=min_score)
     k = side / max(image.size)
-    copy = image.resize((max(1, round(image.width * k)), max(1, round(image.height * k))), Image.BOX)
+    size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
+    copy = image if size == image.size else image.resize(size, Image.BOX)
     found = []
     for top in _tile_starts(copy.height):
         for left in _tile_starts(copy.width):
