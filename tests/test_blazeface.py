@@ -380,7 +380,7 @@ def test_an_unknown_detector_is_a_user_error():
         FaceDetector("cnn")
     with pytest.raises(UserError, match="short, full"):
         BlazeFace("medium")
-    with pytest.raises(UserError, match="--min-face 0"):
+    with pytest.raises(UserError, match="--min-face 0: must be a number of px above 0"):
         FaceDetector(min_face=0)
 
 
@@ -436,7 +436,11 @@ def test_min_face_on_the_command_line_reaches_the_detector(tmp_path, capsys):
         faces[min_face] = json.loads(out.read_text().splitlines()[0])["faces"]
     assert faces == {"40": len(places), "200": 0}
     assert main(["predict", str(photo), "--min-face", "0"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--min-face 0.0: must be above 0 (px)")
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--min-face 0.0: must be a number of px above 0")
+    for bad in ("nan", "inf", "-5"):
+        assert main(["predict", str(photo), "--min-face", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(f"--min-face {float(bad)}: must be a number of px above 0")
 
 
 def a_big_group_photo(face: int) -> tuple[Image.Image, list[tuple[int, int]]]:

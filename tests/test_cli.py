@@ -33,6 +33,7 @@ def test_every_subcommand_has_help(command, capsys):
     (["export", "{tmp}/nothing", "{tmp}/m.safetensors"], "nothing"),
     (["serve", "{tmp}/gone.safetensors"], "gone.safetensors"),
     (["serve", "--workers", "2", "{tmp}/gone"], "gone"),
+    (["serve", "--workers", "2", "--min-face", "nan"], "--min-face nan: must be a number of px above 0"),
     (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/missing.pth"], "missing.pth"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, message):

@@ -178,8 +178,8 @@ class FaceDetector:
         self.always_upsample = always_upsample
         # BlazeFace only: the smallest face sought, px of the photo (None: ``smallest``'s default). Smaller
         # costs more: the largest pass's input grows with 1/min_face (``passes``)
-        if min_face is not None and min_face <= 0:
-            raise UserError(f"--min-face {min_face}: must be above 0 (px)")
+        if min_face is not None and not (math.isfinite(min_face) and min_face > 0):
+            raise UserError(f"--min-face {min_face}: must be a number of px above 0")
         self.min_face = min_face
         self._idle: list = []  # loaded (detector, landmarks, dlib) sets that no thread is using now
         self._lock = threading.Lock()

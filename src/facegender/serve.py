@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .detect import DEFAULT_DETECTOR, MAX_SIDE
+from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector
 from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, limit_png_text, map_large_buffers, open_image
 from . import checkpoint as checkpoint_files
 from .facemodels import kind_of
@@ -726,6 +726,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     if workers < 1 or max_upload_mb <= 0 or (model_threads is not None and model_threads < 1):
         raise UserError(f"--workers {workers} and --model-threads {model_threads} must be at least 1 and "
                         f"--max-upload-mb {max_upload_mb} above 0")
+    FaceDetector(detector, min_face=min_face)  # cheap (no model loads): a bad --detector or --min-face is one message here
     backend = resolve_backend(backend, checkpoint)
     os.environ[_ENV] = json.dumps({"checkpoint": checkpoint, "max_upload_mb": max_upload_mb, "workers": workers,
                                    "micro_batching": micro_batching, "device": device, "backend": backend,
