@@ -48,6 +48,8 @@ def test_ray_labels_like_predict_and_skips_what_is_done(tmp_path):
         (images / name).symlink_to(shared("celeba") / "img" / name)
     for name in ("AF1.jpg", "AM1.jpg"):
         (images / f"scut_{name}").symlink_to(shared("scut_fbp5500") / "img" / name)
+    # a big JPEG, which predict decodes at half its size: Ray's actors must decode it the same way
+    Image.open(shared("scut_fbp5500") / "img" / "AF2.jpg").resize((2800, 2800)).save(images / "big.jpg", quality=90)
     Image.fromarray(skimage.data.astronaut()).save(images / "astronaut.png")
     Image.fromarray(skimage.data.coffee()).save(images / "coffee.png")  # no face: one row, faces 0
     (images / "empty.jpg").write_bytes(b"")
@@ -68,7 +70,7 @@ def test_ray_labels_like_predict_and_skips_what_is_done(tmp_path):
     assert first.stderr.count("facegender: warning:") == 3 and "gone.jpg" in first.stderr
     got = _ray_rows(out)
     assert pq.read_table(_shards(out)[0]).column_names == columns
-    assert len(got) == len(expected) == 12  # 7 one-face photos, the astronaut, coffee, 3 errors
+    assert len(got) == len(expected) == 13  # 8 one-face photos, the astronaut, coffee, 3 errors
     for a, b in zip(got, expected):
         assert {k: v for k, v in a.items() if k not in NUMBERS} == {k: v for k, v in b.items() if k not in NUMBERS}
         for k in NUMBERS:

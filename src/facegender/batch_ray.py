@@ -58,12 +58,15 @@ class Labeler:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from .images import BadImage, decode_rgb
+        from .detect import MAX_SIDE
+        from .images import BadImage, decode, open_image
 
         items = []
         for data, path in zip(batch["bytes"], batch["path"]):
             try:
-                items.extend(self.clf.faces(path, decode_rgb(data, path)))
+                # decoded as predict decodes a file (a big JPEG reduced while it decodes): the same answers
+                image, scale = decode(open_image(data, path, MAX_SIDE, most_reduced=self.clf.most_reduced()))
+                items.extend(self.clf.faces(path, image, scale=scale))
             except BadImage as e:
                 items.append((Prediction(path, error=str(e)), None))
         done = iter(self.clf.classify([item for item in items if item[1] is not None]))

@@ -160,8 +160,8 @@ class Classifier:
         The input is None where there is nothing to classify (no face, or an unreadable image: the stub's
         ``error`` says why). Safe to call from several threads; ``classify`` does the batched model work.
         ``detect=False`` classifies the whole image even where the classifier has a detector. ``scale``: for
-        an image already decoded, the file's pixels per pixel of it, where decoding reduced it (the
-        detector's ``min_face`` counts in the file's pixels); boxes stay in the image's.
+        an image already decoded, the file's pixels per pixel of it, where decoding reduced it. Either way
+        boxes are in the file's pixels, and so is the detector's ``min_face``.
         """
         try:
             # a big JPEG is decoded at a reduced scale no smaller than what the detector looks at anyway
@@ -177,8 +177,7 @@ class Classifier:
         found = detect_faces(image, self.detector, pixels, scale)
         if not found:
             return [(Prediction(name, faces=0), None)]
-        boxed = scale if isinstance(item, (str, Path)) else 1.0  # a path's boxes in the file's pixels
-        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * boxed, 1) for v in face.box)),
+        return [(Prediction(name, faces=len(found), face=k, box=tuple(round(v * scale, 1) for v in face.box)),
                  self.model.inputs(image, face, box, pixels))
                 for k, (face, box) in enumerate(found, start=1)]
 

@@ -381,14 +381,11 @@ def _status(e: BadImage) -> int:
 def _decode_and_detect(classifier: Classifier, opened: Opened, detect: bool):
     """The upright image's size in the file's pixels, and ``classifier.faces`` of it, boxes in those pixels.
 
-    Reduced while it decodes, as ``facegender predict`` reduces a file: the detector looks at no more than
-    ``MAX_SIDE`` pixels anyway, and the answer is the same as the command line's for the same file.
+    Reduced while it decodes, as ``facegender predict`` reduces a file (no smaller than MAX_SIDE, nor than the
+    detector's ``min_face`` needs): the answer is the same as the command line's for the same file.
     """
     image, scale = decode(opened)
     stubs = classifier.faces(opened.name, image, detect=detect, scale=scale)
-    if scale != 1:
-        stubs = [(replace(stub, box=tuple(round(v * scale, 1) for v in stub.box)) if stub.box else stub, x)
-                 for stub, x in stubs]
     w, h = opened.size
     turned = (image.width >= image.height) != (w >= h)  # EXIF orientation: a quarter turn swaps the sides
     return ((h, w) if turned else (w, h)), stubs
