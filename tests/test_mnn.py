@@ -154,6 +154,33 @@ def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_
         mnn_runtime.chosen_runtime()
 
 
+def test_the_stem_over_space_to_depth_computes_what_the_shipped_graph_does(chips, tmp_path):
+    """graph_edit's edit of the shipped graph: on onnxruntime the same descriptors (within float32's rounding);
+    a graph that no longer starts as the edit expects (here: already edited) is left alone, nothing written."""
+    import onnxruntime as ort
+
+    from facegender.chips import CHIP_SIZE
+    from facegender.graph_edit import stem_over_space_to_depth
+
+    edited, again = tmp_path / "edited.onnx", tmp_path / "again.onnx"
+    assert stem_over_space_to_depth(onnx_model.DESCRIPTOR_NETWORK, edited, CHIP_SIZE)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    run = lambda path: ort.InferenceSession(str(path), options).run(["descriptor"], {"chips": chips})[0]
+    before, after = run(onnx_model.DESCRIPTOR_NETWORK), run(edited)
+    assert np.abs(after - before).max() < 1e-5 and np.abs(before).max() > 0.1
+    ops = [n.op_type for n in _nodes(edited)[:5]]
+    assert ops == ["Reshape", "Transpose", "Reshape", "Cast", "Conv"]
+    assert not stem_over_space_to_depth(edited, again, CHIP_SIZE) and not again.exists()
+    assert not stem_over_space_to_depth(onnx_model.DESCRIPTOR_NETWORK, again, CHIP_SIZE + 1) and not again.exists()
+
+
+def _nodes(path) -> list:
+    from facegender.graph_edit import _messages
+
+    return list(_messages()["ModelProto"].FromString(path.read_bytes()).graph.node)
+
+
 def test_the_conversion_is_made_once_and_a_failed_one_leaves_no_file(tmp_path, monkeypatch):
     import MNN
 
