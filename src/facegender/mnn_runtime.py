@@ -2,8 +2,9 @@
 
 The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's
 float32 peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same
-result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 4.1 against 6.4 ms per face in batches
-of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``). MNN's wheel carries
+result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 3.6 against 6.5 ms per face in batches
+of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``), the first convolution
+made one it can transform too (``converted``). MNN's wheel carries
 AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
 CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
 pay over a batch), and so do small batches and a process's first few (``MNNNetwork.takes``). Where a
