@@ -58,14 +58,13 @@ class Labeler:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from .detect import MAX_SIDE
-        from .images import BadImage, decode, open_image
+        from .images import BadImage, decode
 
         items = []
         for data, path in zip(batch["bytes"], batch["path"]):
             try:
                 # decoded as predict decodes a file (a big JPEG reduced while it decodes): the same answers
-                image, scale = decode(open_image(data, path, MAX_SIDE, most_reduced=self.clf.most_reduced()))
+                image, scale = decode(self.clf.open(data, path))
                 items.extend(self.clf.faces(path, image, scale=scale))
             except BadImage as e:
                 items.append((Prediction(path, error=str(e)), None))

@@ -339,12 +339,12 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float) 
         for left in _tile_starts(copy.width):
             tile = copy.crop((left, top, min(copy.width, left + TILE_SIDE), min(copy.height, top + TILE_SIDE)))
             inner = (left > 0, top > 0, left + tile.width < copy.width, top + tile.height < copy.height)
+            shift = np.array([left, top], np.float32)
             for d in network.detect(tile, max(tile.size), min_score=min_score):
                 x0, y0, x1, y1 = d.box
                 near = (x0 < TILE_EDGE, y0 < TILE_EDGE, x1 > tile.width - TILE_EDGE, y1 > tile.height - TILE_EDGE)
                 if any(a and b for a, b in zip(inner, near)):
                     continue
-                shift = np.array([left, top], np.float32)
                 found.append(Detection(((x0 + left) / k, (y0 + top) / k, (x1 + left) / k, (y1 + top) / k), d.score,
                                        (d.keypoints + shift) / k))
     return sorted(found, key=lambda d: -d.score)

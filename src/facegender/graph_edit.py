@@ -37,8 +37,8 @@ def _messages():
     one, many = f.LABEL_OPTIONAL, f.LABEL_REPEATED
     message("TensorProto", ("dims", 1, f.TYPE_INT64, many, ""), ("data_type", 2, f.TYPE_INT32, one, ""),
             ("name", 8, f.TYPE_STRING, one, ""), ("raw_data", 9, f.TYPE_BYTES, one, ""))
-    message("AttributeProto", ("name", 1, f.TYPE_STRING, one, ""), ("ints", 8, f.TYPE_INT64, many, ""),
-            ("type", 20, f.TYPE_INT32, one, ""))
+    message("AttributeProto", ("name", 1, f.TYPE_STRING, one, ""), ("s", 4, f.TYPE_BYTES, one, ""),
+            ("ints", 8, f.TYPE_INT64, many, ""), ("type", 20, f.TYPE_INT32, one, ""))
     message("NodeProto", ("input", 1, f.TYPE_STRING, many, ""), ("output", 2, f.TYPE_STRING, many, ""),
             ("name", 3, f.TYPE_STRING, one, ""), ("op_type", 4, f.TYPE_STRING, one, ""),
             ("attribute", 5, f.TYPE_MESSAGE, many, "AttributeProto"))
@@ -75,7 +75,8 @@ def stem_over_space_to_depth(source: Path, target: Path, size: int) -> bool:
     if (len(nodes) < 3 or [n.op_type for n in nodes] != ["Transpose", "Cast", "Conv"] or size % 2
             or _ints(nodes[0], "perm") != [0, 3, 1, 2] or nodes[1].input[0] != nodes[0].output[0]
             or nodes[2].input[0] != nodes[1].output[0] or _ints(nodes[2], "strides") != [2, 2]
-            or any(_ints(nodes[2], "pads") or []) or (_ints(nodes[2], "dilations") or [1, 1]) != [1, 1]):
+            or any(_ints(nodes[2], "pads") or []) or (_ints(nodes[2], "dilations") or [1, 1]) != [1, 1]
+            or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in nodes[2].attribute)):
         return False
     transpose, _, conv = nodes
     weights = {t.name: t for t in graph.initializer}

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import checkpoint, onnx_model
 from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector, detect_faces
 from .facemodels import apply_temperature, build_face_model, graph_model, kind_of
-from .images import BadImage, open_rgb, open_rgb_reduced
+from .images import BadImage, Opened, decode, open_image, open_rgb
 from .io import UserError
 
 # the models trained on all three corpora that ship with the package, by name (see MODEL_CARD.md)
@@ -164,8 +164,7 @@ class Classifier:
         boxes are in the file's pixels, and so is the detector's ``min_face``.
         """
         try:
-            # a big JPEG is decoded at a reduced scale no smaller than what the detector looks at anyway
-            image, scale = (open_rgb_reduced(item, MAX_SIDE, self.most_reduced()) if isinstance(item, (str, Path))
+            image, scale = (decode(self.open(item, item, detect)) if isinstance(item, (str, Path))
                             else (self.load_image(item, name), scale))
         except BadImage as e:
             return [(Prediction(name, error=str(e)), None)]
@@ -181,9 +180,12 @@ class Classifier:
                  self.model.inputs(image, face, box, pixels))
                 for k, (face, box) in enumerate(found, start=1)]
 
-    def most_reduced(self) -> int | None:
-        """The largest factor a photo may be reduced by while it decodes, for this classifier's detector."""
-        return self.detector.largest_reduction() if self.detector is not None else None
+    def open(self, source, name, detect: bool = True, **limits) -> Opened:
+        """``images.open_image`` of a file (a path, or its bytes) as this classifier decodes one: a big JPEG
+        reduced while it decodes, to no less than MAX_SIDE (what the detector looks at anyway) and, where it
+        detects, by no more than its ``min_face`` allows. ``limits``: open_image's ``pixels`` and ``afford``."""
+        most = self.detector.largest_reduction() if self.detector is not None and detect else None
+        return open_image(source, name, MAX_SIDE, most_reduced=most, **limits)
 
     def classify(self, batch: list[tuple[Prediction, np.ndarray]]) -> list[Prediction]:
         """Complete the stubs made by ``faces`` with one batched forward pass over their inputs."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
@@ -39,8 +40,8 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .detect import DEFAULT_DETECTOR, MAX_SIDE, FaceDetector
-from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, limit_png_text, map_large_buffers, open_image
+from .detect import DEFAULT_DETECTOR, FaceDetector
+from .images import DEFAULT_MAX_PIXELS, BadImage, Opened, decode, limit_png_text, map_large_buffers
 from . import checkpoint as checkpoint_files
 from .facemodels import kind_of
 from .inference import Classifier, Prediction, model_path, resolve_backend
@@ -246,8 +247,8 @@ def create_app(classifier: Classifier, max_upload_mb: float = 10, micro_batching
         held = Held(budget, name)  # the image's decoding, given back once its faces are cut out
         try:
             # the header on the shared threads (cheap), then the decoding on the lane its size calls for
-            opened = await loop.run_in_executor(decoders, open_image, data, name, MAX_SIDE, max_pixels, held.take,
-                                                classifier.most_reduced() if detect else None)
+            opened = await loop.run_in_executor(decoders, functools.partial(classifier.open, data, name, detect,
+                                                                            pixels=max_pixels, afford=held.take))
             lane = heavy if opened.cost > HEAVY_BYTES else decoders
             (width, height), stubs = await loop.run_in_executor(lane, _decode_and_detect, classifier, opened, detect)
         finally:
@@ -381,8 +382,8 @@ def _status(e: BadImage) -> int:
 def _decode_and_detect(classifier: Classifier, opened: Opened, detect: bool):
     """The upright image's size in the file's pixels, and ``classifier.faces`` of it, boxes in those pixels.
 
-    Reduced while it decodes, as ``facegender predict`` reduces a file (no smaller than MAX_SIDE, nor than the
-    detector's ``min_face`` needs): the answer is the same as the command line's for the same file.
+    Opened by ``Classifier.open``, as ``facegender predict`` opens a file: the answer is the same as the command
+    line's for the same file.
     """
     image, scale = decode(opened)
     stubs = classifier.faces(opened.name, image, detect=detect, scale=scale)
