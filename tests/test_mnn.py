@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegender import mnn_runtime, onnx_model
+from facegender import io, mnn_runtime, onnx_model
 from facegender.inference import Classifier
 from facegender.io import UserError
 
@@ -109,7 +109,7 @@ def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxr
 BACKGROUND_START = """
 import json, sys
 import numpy as np
-from facegender import mnn_runtime, onnx_model
+from facegender import io, mnn_runtime, onnx_model
 graph = onnx_model.descriptor_network(1)
 network = mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, graph.key, background=True)
 served = onnx_model.DescriptorGraph(graph.session, graph.key, network)
@@ -204,6 +204,30 @@ def test_the_conversion_is_made_once_and_a_failed_one_leaves_no_file(tmp_path, m
     with pytest.raises(RuntimeError, match="MNN could not convert"):
         mnn_runtime.converted(broken, "k2", MNN.version())
     assert sorted(p.name for p in (tmp_path / "cache" / "mnn").iterdir()) == [first.name]
+
+
+def test_converted_networks_of_other_versions_go_once_unused_for_a_month(tmp_path, monkeypatch):
+    import MNN
+
+    monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "mnn"
+    folder.mkdir(parents=True)
+    month = time.time() - io.UNUSED_FOR - 3600
+    # what an upgrade left: an earlier MNN's and an unedited graph's conversions, one of them still in use
+    older, recent = folder / "net-k0-mnn3.5.0.mnn", folder / "net-k0-s2d-mnn3.5.0.mnn"
+    unrelated = folder / "notes.txt"
+    for path in (older, recent, unrelated):
+        path.write_bytes(b"a network")
+    for path in (older, unrelated):
+        os.utime(path, (month, month))
+    first = mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([first.name, recent.name, unrelated.name])
+    # a use marks the entry it reads, so that its own turn to go waits for a month without one
+    os.utime(first, (month, month))
+    os.utime(recent, (month, month))
+    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert time.time() - first.stat().st_mtime < 60
+    assert sorted(p.name for p in folder.iterdir()) == sorted([first.name, unrelated.name])
 
 
 def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(chips, tmp_path):

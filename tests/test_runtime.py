@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from facegender.io import UserError, atomic_open, remove_stale_temporaries
+from facegender.io import UNUSED_FOR, UserError, atomic_open, remove_stale_temporaries, used_cache_entry
 from facegender.runtime import cpu_has_bf16, resolve_device, resolve_precision
 
 
@@ -49,6 +49,18 @@ def test_what_a_killed_write_left_is_swept_once_stale(tmp_path):
     assert remove_stale_temporaries(tmp_path, "out.bin", 60) == 1
     assert sorted(tmp_path.iterdir()) == sorted([path, left[1]]) and path.read_text() == "old"
     assert remove_stale_temporaries(tmp_path, "out.bin", 600) == 0  # not stale yet: a writer may be at work
+
+
+def test_a_used_cache_entry_sweeps_its_neighbours_unused_for_a_month(tmp_path):
+    month = time.time() - UNUSED_FOR - 60
+    entry, stale, used, other_kind = (tmp_path / name for name in ("a.onnx", "b.onnx", "c.onnx", "d.npy"))
+    for path in (entry, stale, used, other_kind):
+        path.write_bytes(b"x")
+    for path in (entry, stale, other_kind):
+        os.utime(path, (month, month))
+    assert used_cache_entry(entry, "*.onnx") == entry
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "c.onnx", "d.npy"]
+    assert time.time() - entry.stat().st_mtime < 60  # marked as used: the next sweep keeps it
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

@@ -31,7 +31,7 @@ from torch import nn
 
 from .chips import CHIP_SIZE, DESCRIPTOR_SIZE, MODEL_FILE
 from .detect import MODELS_HINT, packaged_model
-from .io import UserError, atomic_path, cache_dir
+from .io import UserError, atomic_path, cache_dir, used_cache_entry
 from .runtime import resolve_device, resolve_precision
 
 CONVERTER_VERSION = 1  # part of the cache key: bump when the conversion changes
@@ -405,10 +405,11 @@ def converted_state(path: str | Path) -> dict[str, torch.Tensor]:
     cached = cache_dir() / "dlibnet" / f"{digest}-v{CONVERTER_VERSION}.safetensors"
     if cached.is_file():
         try:
-            return load_file(cached)
+            return load_file(used_cache_entry(cached, "*.safetensors"))
         except (SafetensorError, OSError, struct.error):
             pass  # a damaged cache entry is rebuilt below
     state = _state_from_layers(*_read_network(data, path))
     with atomic_path(cached) as tmp:
         save_file(state, tmp, metadata={"source": path.name, "sha256": digest, "converter": str(CONVERTER_VERSION)})
+    used_cache_entry(cached, "*.safetensors")  # earlier converters' copies, unused for a month, go
     return state

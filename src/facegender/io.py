@@ -42,6 +42,29 @@ def remove_stale_temporaries(folder: Path, name: str, older_than: float) -> int:
     return removed
 
 
+# A cache entry that no run has used for this long goes when another entry of its folder is used: the graphs an
+# upgrade or a retrained model converted (22 MB each), or the crops of a dataset since changed, do not pile up.
+UNUSED_FOR = 30 * 86400  # s
+MARKED_EVERY = 86400  # s: a use writes an entry's modification time where it is older than this
+
+
+def used_cache_entry(path: Path, pattern: str) -> Path:
+    """Mark ``path``, a cache entry just read or written, as used (its modification time, at most once
+    MARKED_EVERY), and delete the other entries of its folder matching ``pattern`` (a glob) that no run has
+    used for UNUSED_FOR. Returns ``path``. Where the cache cannot be written (read-only, another process
+    sweeping too) nothing changes."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        if now - path.stat().st_mtime > MARKED_EVERY:
+            os.utime(path)
+    for other in path.parent.glob(pattern):
+        if other != path:
+            with contextlib.suppress(OSError):
+                if now - other.stat().st_mtime > UNUSED_FOR:
+                    other.unlink()
+    return path
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Open a temporary file for writing; it replaces ``path`` when the block ends without error."""

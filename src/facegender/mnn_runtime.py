@@ -33,7 +33,7 @@ import numpy as np
 
 from .chips import CHIP_SIZE
 from .graph_edit import stem_over_space_to_depth
-from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporaries
+from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporaries, used_cache_entry
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
@@ -148,7 +148,7 @@ def converted(graph: Path, key: str, version: str) -> Path:
     # a killed conversion's 22 MB file, and its edited graph
     remove_stale_temporaries(target.parent, target.name, CONVERT_TIMEOUT + 60)
     if target.is_file():
-        return target
+        return used_cache_entry(target, "*.mnn")  # and those of other versions, unused for a month, go
     with atomic_path(target) as tmp:
         edited = target.parent / f".{target.name}.{os.getpid()}.onnx.tmp"
         try:
@@ -161,7 +161,7 @@ def converted(graph: Path, key: str, version: str) -> Path:
         if done.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"MNN could not convert {graph}: {last[0][:200]}")
-    return target
+    return used_cache_entry(target, "*.mnn")
 
 
 class MNNNetwork:

@@ -31,7 +31,7 @@ from .config import MEAN, STD
 from .detect import LANDMARK_MODEL
 from .dlibnet import DescriptorNet
 from .facemodels import DescriptorModel, kind_of
-from .io import UserError, atomic_path, cache_dir
+from .io import UserError, atomic_path, cache_dir, used_cache_entry
 from .onnx_model import META_KEY
 from .torchmodels import TorchResNetModel, build_torch_face_model
 
@@ -124,7 +124,7 @@ def to_onnx(model, meta: dict, optimize: bool = True) -> bytes:
     cached = cache_dir() / "onnx" / f"{kind}-{_graph_key(wrapped, example, temperature, optimize)}.onnx"
     if cached.is_file():  # the same weights exported before: the export is the slow part of starting up
         try:
-            return with_meta(cached.read_bytes(), meta, kind)
+            return with_meta(used_cache_entry(cached, "*.onnx").read_bytes(), meta, kind)
         except UserError:
             pass  # a damaged cache entry is rebuilt below
     proto = _export(wrapped, example, inputs, outputs, optimize)
@@ -134,6 +134,7 @@ def to_onnx(model, meta: dict, optimize: bool = True) -> bytes:
     data = proto.SerializeToString()
     with atomic_path(cached) as tmp:
         tmp.write_bytes(data)
+    used_cache_entry(cached, "*.onnx")  # those of models unused for a month go
     return data
 
 
