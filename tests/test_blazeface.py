@@ -11,7 +11,7 @@ import pytest
 from conftest import serve_process, shared
 from PIL import Image
 
-from facegender import blazeface, detect
+from facegender import blazeface, detect, graph_edit
 from facegender.blazeface import BlazeFace, Detection, anchors, letterbox
 from facegender.detect import (
     DEFAULT_DETECTOR,
@@ -312,6 +312,46 @@ def test_the_declared_map_sizes_hold_at_every_input_size(network):
             shipped, plain = (s.run(None, {"input": tensor}) for s in sessions)
             for a, b in zip(shipped, plain):  # boxes in input pixels (up to hundreds), score logits
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_the_short_range_graph_narrowed_to_8_channel_blocks_computes_what_the_shipped_one_does():
+    """graph_edit.narrowed drops the zero channels tools/blazeface_to_onnx.py widened the first layers by (24 to
+    32): on real faces, at inputs of several sizes and aspects, the same outputs up to float rounding."""
+    import onnxruntime as ort
+
+    path = blazeface.WEIGHTS / blazeface.NETWORKS["short"].file
+    narrow = graph_edit.narrowed(path)
+    assert narrow is not None and len(narrow) < path.stat().st_size
+    # every channel of the full-range network's first layer carries weights: nothing to drop
+    assert graph_edit.narrowed(blazeface.WEIGHTS / blazeface.NETWORKS["full"].file) is None
+    assert graph_edit.narrowed(path, block=16) is None  # 24 channels round up to the 32 shipped
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # a shape the edit left declared wrong would be a warning
+    sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in (path.read_bytes(), narrow)]
+    for image, side in zip(portraits(4), (128, 384, 256, 192)):
+        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
+            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
+            for a, b in zip(shipped, edited):  # boxes in input pixels (up to hundreds), score logits
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
+    graph = onnx.load_from_string(narrow).graph
+    assert [i.dims for i in graph.initializer if i.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_a_sized_session_runs_the_narrowed_graph_where_vectors_hold_8_floats(monkeypatch, narrow):
+    monkeypatch.setattr(blazeface, "NARROW_WHERE", lambda: narrow)
+    detector = BlazeFace("short")
+    photo = portraits(1)[0].resize((384, 384))
+    first = detector.detect(photo, 384)  # the any-size session, on the shipped graph
+    own = detector.session((384, 384))
+    assert own is not detector.session()
+    assert (own._model_bytes is not None) == narrow  # onnxruntime keeps a graph it was given as bytes
+    again = detector.detect(photo, 384)
+    assert len(first) == len(again) >= 1
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+        assert a.score == pytest.approx(b.score, abs=1e-4)
 
 
 def test_a_large_size_seen_again_gets_a_session_of_its_own_that_finds_the_same_faces():

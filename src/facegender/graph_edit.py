@@ -1,14 +1,18 @@
-"""One edit of an ONNX graph, made with protobuf alone (onnxruntime's own dependency: the inference core has
-no `onnx` package): the network's first convolution, 7 x 7 at stride 2 over three colour planes, made a 4 x 4
-one at stride 1 over a space-to-depth copy of the input (each 2 x 2 block of pixels as 12 channels).
+"""Two edits of an ONNX graph, made with protobuf alone (onnxruntime's own dependency: the inference core has
+no `onnx` package).
 
-The two compute the same sums. MNN runs the second with a Winograd transform, the first directly: on one core
-of an AVX2-only AMD EPYC the descriptor network took 3.37-3.44 against 3.93 ms a face in batches of 16, its
-first convolution 0.93 ms of it before. onnxruntime ran it slower (7.1 against 6.3 ms a face), so only the graph
-MNN converts is edited. The space-to-depth is the input's own transpose from N x H x W x 3 to channels first,
-reshaped on both sides: no more data moves than before.
+``stem_over_space_to_depth``: the descriptor network's first convolution, 7 x 7 at stride 2 over three colour
+planes, made a 4 x 4 one at stride 1 over a space-to-depth copy of the input (each 2 x 2 block of pixels as 12
+channels). The two compute the same sums. MNN runs the second with a Winograd transform, the first directly: on
+one core of an AVX2-only AMD EPYC the descriptor network took 3.37-3.44 against 3.93 ms a face in batches of 16,
+its first convolution 0.93 ms of it before. onnxruntime ran it slower (7.1 against 6.3 ms a face), so only the
+graph MNN converts is edited. The space-to-depth is the input's own transpose from N x H x W x 3 to channels
+first, reshaped on both sides: no more data moves than before.
 
-Only the fields the edit reads or writes are declared below (their numbers are onnx.proto's); protobuf keeps
+``narrowed``: the zero channels a graph was widened by dropped again where a CPU's vectors are narrower (the
+BlazeFace graphs carry multiples of 16 channels, AVX-512's block, in onnxruntime's blocked layout).
+
+Only the fields the edits read or write are declared below (their numbers are onnx.proto's); protobuf keeps
 every other field of the file as it read it.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 _FLOAT, _INT64 = 1, 7  # TensorProto.DataType
-_INTS = 7  # AttributeProto.AttributeType
+_INT, _INTS = 2, 7  # AttributeProto.AttributeType
 
 
 def _messages():
@@ -37,7 +41,8 @@ def _messages():
     one, many = f.LABEL_OPTIONAL, f.LABEL_REPEATED
     message("TensorProto", ("dims", 1, f.TYPE_INT64, many, ""), ("data_type", 2, f.TYPE_INT32, one, ""),
             ("name", 8, f.TYPE_STRING, one, ""), ("raw_data", 9, f.TYPE_BYTES, one, ""))
-    message("AttributeProto", ("name", 1, f.TYPE_STRING, one, ""), ("s", 4, f.TYPE_BYTES, one, ""),
+    message("AttributeProto", ("name", 1, f.TYPE_STRING, one, ""), ("i", 3, f.TYPE_INT64, one, ""),
+            ("s", 4, f.TYPE_BYTES, one, ""),
             ("ints", 8, f.TYPE_INT64, many, ""), ("type", 20, f.TYPE_INT32, one, ""))
     message("NodeProto", ("input", 1, f.TYPE_STRING, many, ""), ("output", 2, f.TYPE_STRING, many, ""),
             ("name", 3, f.TYPE_STRING, one, ""), ("op_type", 4, f.TYPE_STRING, one, ""),
@@ -45,12 +50,18 @@ def _messages():
     message("ValueInfoProto", ("name", 1, f.TYPE_STRING, one, ""))
     message("GraphProto", ("node", 1, f.TYPE_MESSAGE, many, "NodeProto"),
             ("initializer", 5, f.TYPE_MESSAGE, many, "TensorProto"),
+            ("output", 12, f.TYPE_MESSAGE, many, "ValueInfoProto"),
             ("value_info", 13, f.TYPE_MESSAGE, many, "ValueInfoProto"))
     message("ModelProto", ("graph", 7, f.TYPE_MESSAGE, one, "GraphProto"))
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"facegender_onnx.{name}"))
             for name in ("ModelProto", "NodeProto", "TensorProto")}
+
+
+def _int(node, name: str, default: int) -> int:
+    found = [a.i for a in node.attribute if a.name == name]
+    return found[0] if found else default
 
 
 def _ints(node, name: str) -> list[int] | None:
@@ -129,3 +140,103 @@ def _replace(field, items: list) -> None:
     copies = [type(item).FromString(item.SerializeToString()) for item in items]
     del field[:]
     field.extend(copies)
+
+
+# AVX2's float32 vector: onnxruntime's blocked layout holds 8 channels a block there (16 with AVX-512)
+NARROW_BLOCK = 8
+
+
+def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
+    """``source`` with the channels its first convolution leaves zero (zero weights and bias: a graph widened
+    for a wider vector block) dropped, to a multiple of ``block``, from the layers after it that keep them
+    zero: ReLU, max pooling, sums of such layers, depthwise convolutions adding nothing to them and pointwise
+    ones whose outputs' extra channels are zero too. A pointwise convolution that makes them non-zero reads
+    the narrow input; any other node reads it padded back by a 1 x 1 convolution (an Identity becomes that
+    convolution, which onnxruntime fuses with the sum after it). The same sums, less the zeros; None where
+    nothing can be dropped (or the graph is not float32 convolutions stored as raw data)."""
+    from google.protobuf.message import DecodeError
+
+    messages = _messages()
+    try:
+        model = messages["ModelProto"].FromString(Path(source).read_bytes())
+    except DecodeError:
+        return None
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+
+    def array(name: str) -> np.ndarray | None:
+        t = weights.get(name)
+        if t is None or t.data_type != _FLOAT or not t.raw_data:
+            return None
+        return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
+
+    def stored(name: str, values: np.ndarray) -> str:
+        values = np.ascontiguousarray(values, "<f4")
+        weights[name] = graph.initializer.add(name=name, dims=list(values.shape), data_type=_FLOAT,
+                                              raw_data=values.tobytes())
+        return name
+
+    nodes = list(graph.node)
+    if not nodes or nodes[0].op_type != "Conv" or _int(nodes[0], "group", 1) != 1 or len(nodes[0].input) < 3:
+        return None
+    stem_w, stem_b = array(nodes[0].input[1]), array(nodes[0].input[2])
+    if stem_w is None or stem_b is None:
+        return None
+    used = np.flatnonzero(np.abs(stem_w).reshape(len(stem_w), -1).max(axis=1) + np.abs(stem_b))
+    width = len(stem_w)
+    keep = -(-(int(used[-1]) + 1 if len(used) else 1) // block) * block
+    if keep >= width:
+        return None
+    narrow = {nodes[0].output[0]: width}  # tensor -> its width in the source graph (channels from keep on: zero)
+    padded: dict[str, str] = {}  # narrow tensor -> its copy padded back to that width
+    out = [nodes[0]]
+    nodes[0].input[1] = stored(f"{nodes[0].input[1]}_narrow", stem_w[:keep])
+    nodes[0].input[2] = stored(f"{nodes[0].input[2]}_narrow", stem_b[:keep])
+
+    def padding(x: str, name: str, output: str):
+        eye = np.zeros((narrow[x], keep, 1, 1), "<f4")
+        eye[np.arange(keep), np.arange(keep)] = 1
+        node = messages["NodeProto"](input=[x, stored(f"{name}_eye", eye), stored(f"{name}_zero", np.zeros(narrow[x]))],
+                                     output=[output], name=name, op_type="Conv")
+        node.attribute.add(name="kernel_shape", ints=[1, 1], type=_INTS)
+        return node
+
+    for node in nodes[1:]:
+        inputs = [x for x in node.input if x in narrow]
+        if not inputs:
+            out.append(node)
+            continue
+        op, x = node.op_type, node.input[0]
+        w, b = (array(node.input[1]), array(node.input[2])) if op == "Conv" and len(node.input) == 3 else (None, None)
+        if op in ("Relu", "MaxPool") and inputs == [x] or op == "Add" and len(set(narrow[i] for i in node.input)) == 1 \
+                and all(i in narrow for i in node.input):
+            narrow[node.output[0]] = narrow[x]
+        elif w is not None and b is not None and inputs == [x] and _int(node, "group", 1) == narrow[x] \
+                and w.shape[1] == 1 and not b[keep:].any():  # depthwise
+            node.input[1], node.input[2] = stored(f"{node.input[1]}_narrow", w[:keep]), stored(f"{node.input[2]}_narrow", b[:keep])
+            for a in node.attribute:
+                if a.name == "group":
+                    a.i = keep
+            narrow[node.output[0]] = narrow[x]
+        elif w is not None and b is not None and inputs == [x] and _int(node, "group", 1) == 1 and w.shape[1] == narrow[x]:
+            w = w[:, :keep]
+            if len(w) > keep and not w[keep:].any() and not b[keep:].any():
+                w, b, narrow[node.output[0]] = w[:keep], b[:keep], len(w)
+            node.input[1], node.input[2] = stored(f"{node.input[1]}_narrow", w), stored(f"{node.input[2]}_narrow", b)
+        elif op == "Identity":
+            node = padding(x, node.name, node.output[0])
+        else:
+            for i, name in enumerate(node.input):
+                if name in narrow:
+                    if name not in padded:
+                        padded[name] = f"{name}_padded"
+                        out.append(padding(name, padded[name], padded[name]))
+                    node.input[i] = padded[name]
+        out.append(node)
+    if any(o.name in narrow for o in graph.output):
+        return None
+    _replace(graph.node, out)
+    read = {x for n in out for x in n.input}
+    _replace(graph.initializer, [t for t in graph.initializer if t.name in read])
+    _replace(graph.value_info, [v for v in graph.value_info if v.name not in narrow])
+    return model.SerializeToString()

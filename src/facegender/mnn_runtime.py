@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .chips import CHIP_SIZE
+from .cpu import x86_without_avx512
 from .graph_edit import stem_over_space_to_depth
 from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporaries, used_cache_entry
 
@@ -69,19 +69,8 @@ def chosen_runtime() -> str:
     if name not in RUNTIMES:
         raise UserError(f"{RUNTIME_ENV}={name}: must be one of {', '.join(RUNTIMES)}")
     if name == "auto":
-        name = "mnn" if _x86_without_avx512() else "onnxruntime"
+        name = "mnn" if x86_without_avx512() else "onnxruntime"
     return name
-
-
-def _x86_without_avx512() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:  # not Linux: no measurement to go by
-        return False
-    return flags is not None and "avx2" in flags and "avx512f" not in flags
 
 
 def _c_stdout():
