@@ -6,8 +6,8 @@ result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 3.6 against
 of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``), the first convolution
 made one it can transform too (``converted``). MNN's wheel carries
 AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
-CPUs without AVX-512 only. A single chip stays on onnxruntime (7.5 against 8.8 ms there: the transforms
-pay over a batch), and so do small batches and a process's first few (``MNNNetwork.takes``). Where a
+CPUs without AVX-512 only. A single chip stays on onnxruntime (8.7 against 9.6 ms there: the transforms
+pay over a batch), and so do a process's first few batches (``MNNNetwork.takes``). Where a
 stream of small batches (a server's) starts it and the process has a core to spare, MNN starts in a thread
 of its own while onnxruntime goes on: no request waits for it.
 ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
@@ -37,10 +37,14 @@ from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporari
 
 RUNTIME_ENV = "FACEGENDER_DESCRIPTOR_RUNTIME"
 RUNTIMES = ("auto", "mnn", "onnxruntime")
-# Calls of fewer chips stay on onnxruntime: a single chip runs faster there (see above), and on a server's
-# micro-batches of a few requests MNN gained little (117 against 106-113 requests/s, p99 89-114 ms either
-# way: 8 clients on 2 cores, benchmarks/serve_load.py) for 100 MB more held.
-MIN_BATCH = 8
+# Calls of fewer chips stay on onnxruntime: a single chip runs faster there (8.7 against 9.6 ms of CPU), two
+# already faster on MNN (6.4 against 7.5 ms a chip; three 5.4 against 7.5, four 4.6 against 7.7: one core of
+# an AVX2-only AMD EPYC, with the first convolution's edit). A server's micro-batches of 3-4 requests
+# (benchmarks/serve_load.py, 8 clients on 2 cores, four rounds alternated with MIN_BATCH 8) got 1.12x the
+# requests/s (1.04-1.14x), 16% less server CPU a request and a lower p99, for 100 MB more held (242 -> 344
+# MiB): FACEGENDER_DESCRIPTOR_RUNTIME=onnxruntime keeps the smaller server. (Before the edit, at 8, MNN
+# gained a server too little for that memory.)
+MIN_BATCH = 2
 # chips per MNN run: 4.0-4.3 ms a face against 4.4-4.5 in runs of 64 (and 8), one AVX2 core; less memory too
 MNN_BATCH = 16
 # MNN's start (import, load, its weights' transforms: 0.37 s on that core) pays back after about 160 faces at
