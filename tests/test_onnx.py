@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -280,3 +284,36 @@ def test_int8_export_is_calibrated_checked_and_labels_like_fp32(descriptor_onnx,
     int8 = np.array([p.p_male for p in Classifier.from_checkpoint(out, backend="onnxruntime").classify(detected)])
     assert 0 < np.abs(int8 - fp32).mean() < 0.05  # really quantised, and close
     assert ((int8 >= 0.5) == (fp32 >= 0.5)).mean() >= 0.9
+
+
+def _library(folder: Path, name: str, needs: str | None = None) -> Path:
+    """A real shared library built by the C compiler, linked against ``needs`` (a library built beside it)."""
+    source = folder / f"{name}.c"
+    source.write_text(f"int {name.replace('.', '_').replace('-', '_')}(void) {{ return 1; }}\n")
+    out = folder / f"{name}.so" if needs is None else folder / "libonnxruntime_providers_cuda.so"
+    # found beside it, as CUDA's libraries are where the loader looks
+    link = [] if needs is None else [f"-L{folder}", "-Wl,--no-as-needed", f"-l{needs.removeprefix('lib')}", "-Wl,-rpath,$ORIGIN"]
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(source), *link], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or sys.platform != "linux", reason="needs a C compiler on Linux")
+def test_a_gpu_build_without_its_cuda_libraries_runs_on_the_cpu_with_one_line(tmp_path):
+    """onnxruntime-gpu lists CUDA whatever the machine has; where its provider library's CUDA dependencies are
+    missing, the sessions leave CUDA out and one warning names what is missing. Here the provider library is a
+    real one linked against a library that is then removed, as libcublasLt is missing on a machine without CUDA."""
+    from facegender import onnx_model
+
+    present, absent = tmp_path / "present", tmp_path / "absent"
+    for folder in (present, absent):
+        folder.mkdir()
+        _library(folder, "libfakecublasLt")
+        _library(folder, "provider", needs="libfakecublasLt")
+    (absent / "libfakecublasLt.so").unlink()
+    with pytest.warns(RuntimeWarning, match=r"cannot use CUDA here \(libfakecublasLt\.so is missing\).*CPU") as caught:
+        assert onnx_model.cuda_missing(absent) == "libfakecublasLt.so"
+        assert onnx_model.cuda_missing(absent) == "libfakecublasLt.so"  # decided once a process
+    assert len(caught) == 1
+    # (after: once loaded, a library of that name is the process's, wherever the next one asks for it)
+    assert onnx_model.cuda_missing(present) is None  # it loads, and stays loaded for onnxruntime
+    assert onnx_model.cuda_missing(tmp_path) is None  # no provider library there: onnxruntime's to find out

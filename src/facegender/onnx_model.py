@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +55,49 @@ def session(model: bytes | Path, threads: int | None = None, name: str = "an ONN
     # Between runs its threads would spin, waiting for work, on the cores that the threads detecting faces
     # (predict, serve) need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_missing(Path(ort.__file__).parent / "capi") is None:
+        providers.insert(0, "CUDAExecutionProvider")
     source = str(model) if isinstance(model, Path) else model
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime's load errors share no base class worth naming
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"{name}: not a readable ONNX file ({first[:200]})") from None
+
+
+@functools.cache
+def cuda_missing(capi: Path) -> str | None:
+    """What onnxruntime's CUDA provider needs and this machine lacks (a CUDA or cuDNN library: "libcublasLt.so.13"),
+    said once in a warning; None where it loads, or where that is for onnxruntime to find out.
+
+    A GPU build of onnxruntime (onnxruntime-gpu) lists CUDA among its providers whether or not the CUDA
+    libraries it was built against are there; asked to use it without them, it prints a red error on every
+    session and runs on the CPU. Loading its provider library as onnxruntime would (Linux; its shared helper
+    first, global) tells: loaded, it stays loaded for onnxruntime; a missing library sends the models to the
+    CPU with one line instead. Any other failure is left to onnxruntime, which then reports it itself."""
+    import ctypes
+
+    library = capi / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():  # another platform's names, or a build that keeps it elsewhere
+        return None
+    try:
+        shared = capi / "libonnxruntime_providers_shared.so"
+        if shared.is_file():
+            ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(library))
+    except OSError as e:
+        missing = str(e).split(": cannot open shared object file")[0]
+        if missing == str(e):
+            return None
+        missing = missing.rsplit(": ", 1)[-1]
+        warnings.warn(f"onnxruntime's GPU build cannot use CUDA here ({missing} is missing): the models run on the "
+                      "CPU. Install the CUDA and cuDNN versions it was built for (onnxruntime.ai: CUDA Execution "
+                      "Provider, Requirements), or for the CPU build: pip uninstall -y onnxruntime-gpu onnxruntime && "
+                      "pip install onnxruntime",
+                      RuntimeWarning, stacklevel=3)
+        return missing
+    return None
 
 
 def graph_meta(sess, name: str) -> dict:
