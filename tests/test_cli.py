@@ -170,3 +170,58 @@ def test_serve_command_answers_on_loopback_with_two_worker_processes():
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+def _folder_of_photos(folder: Path, n: int) -> Path:
+    """``n`` real photos (the astronaut, shifted) and a broken file."""
+    skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
+    from PIL import Image
+
+    folder.mkdir()
+    photo = Image.fromarray(skimage_data.astronaut())
+    for i in range(n):
+        photo.crop((i, 0, 512 - i, 512)).save(folder / f"{i:02d}.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a whole jpeg")
+    return folder
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_folder_labelled_on_a_terminal_shows_a_bar_and_says_what_failed_above_it(tmp_path):
+    """The bar needs a terminal for stderr, the rows going elsewhere; without one there is no bar, tqdm is not
+    even imported (it costs labelling one photo 20 ms), and what failed is still one line."""
+    folder = _folder_of_photos(tmp_path / "photos", 10)
+    probe = ("import runpy, sys; sys.argv = ['facegender', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('facegender.cli', run_name='__main__')\n"
+             "finally:\n    print('tqdm imported' if 'tqdm' in sys.modules else 'no tqdm', file=sys.stderr)\n")
+    out = tmp_path / "rows.jsonl"
+    leader, follower = os.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, "predict", str(folder), "--output", str(out)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, timeout=300)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the other end closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    on_terminal = shown.decode(errors="replace")
+    assert done.returncode == 1  # one file failed
+    assert "predict: 100%" in on_terminal and "11/11" in on_terminal and "tqdm imported" in on_terminal
+    assert "facegender: warning:" in on_terminal and "broken.jpg" in on_terminal
+    assert out.read_text().count("\n") == 11
+    piped = subprocess.run([sys.executable, "-c", probe, "predict", str(folder), "--output", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 1 and "predict:" not in piped.stderr and "no tqdm" in piped.stderr
+    warnings = [line for line in piped.stderr.splitlines() if line.startswith("facegender: warning:")]
+    assert len(warnings) == 1 and "broken.jpg" in warnings[0]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .data import Sample
 from .chips import DESCRIPTOR_SIZE, chip
@@ -131,6 +130,8 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
     if todo:
         shards = [todo[i:i + SHARD_SIZE] for i in range(0, len(todo), SHARD_SIZE)]
         jobs = [[(s.path, s.landmarks) for _, s in shard] for shard in shards]
+        from tqdm import tqdm  # here: labelling a photo (which imports this module) shows no bar
+
         bar = tqdm(total=len(todo), desc=f"descriptors ({extractor.name})", unit="face", disable=not progress or None,
                    dynamic_ncols=True)
         with _pool(workers) as pool:
