@@ -208,21 +208,25 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
             continue
         op, x = node.op_type, node.input[0]
         w, b = (array(node.input[1]), array(node.input[2])) if op == "Conv" and len(node.input) == 3 else (None, None)
-        if op in ("Relu", "MaxPool") and inputs == [x] or op == "Add" and len(set(narrow[i] for i in node.input)) == 1 \
-                and all(i in narrow for i in node.input):
+        group = _int(node, "group", 1)
+        conv = w is not None and b is not None and inputs == [x]
+        channelwise = op in ("Relu", "MaxPool") and inputs == [x]
+        same_sum = op == "Add" and inputs == list(node.input) and len({narrow[i] for i in inputs}) == 1
+        if channelwise or same_sum:
             narrow[node.output[0]] = narrow[x]
-        elif w is not None and b is not None and inputs == [x] and _int(node, "group", 1) == narrow[x] \
-                and w.shape[1] == 1 and not b[keep:].any():  # depthwise
-            node.input[1], node.input[2] = stored(f"{node.input[1]}_narrow", w[:keep]), stored(f"{node.input[2]}_narrow", b[:keep])
+        elif conv and group == narrow[x] and w.shape[1] == 1 and not b[keep:].any():  # depthwise, adding nothing there
+            node.input[1] = stored(f"{node.input[1]}_narrow", w[:keep])
+            node.input[2] = stored(f"{node.input[2]}_narrow", b[:keep])
             for a in node.attribute:
                 if a.name == "group":
                     a.i = keep
             narrow[node.output[0]] = narrow[x]
-        elif w is not None and b is not None and inputs == [x] and _int(node, "group", 1) == 1 and w.shape[1] == narrow[x]:
-            w = w[:, :keep]
-            if len(w) > keep and not w[keep:].any() and not b[keep:].any():
-                w, b, narrow[node.output[0]] = w[:keep], b[:keep], len(w)
-            node.input[1], node.input[2] = stored(f"{node.input[1]}_narrow", w), stored(f"{node.input[2]}_narrow", b)
+        elif conv and group == 1 and w.shape[1] == narrow[x]:  # reads the narrow input whatever it writes
+            width, w = len(w), w[:, :keep]
+            if width > keep and not w[keep:].any() and not b[keep:].any():  # and writes zeros there too
+                w, b, narrow[node.output[0]] = w[:keep], b[:keep], width
+            node.input[1] = stored(f"{node.input[1]}_narrow", w)
+            node.input[2] = stored(f"{node.input[2]}_narrow", b)
         elif op == "Identity":
             node = padding(x, node.name, node.output[0])
         else:
