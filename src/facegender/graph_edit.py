@@ -59,6 +59,17 @@ def _messages():
             for name in ("ModelProto", "NodeProto", "TensorProto")}
 
 
+def _read(source: Path) -> tuple[dict, object | None]:
+    """(``_messages()``, the file's ModelProto), the model None where the file is not a graph."""
+    from google.protobuf.message import DecodeError
+
+    messages = _messages()
+    try:
+        return messages, messages["ModelProto"].FromString(Path(source).read_bytes())
+    except DecodeError:
+        return messages, None
+
+
 def _int(node, name: str, default: int) -> int:
     found = [a.i for a in node.attribute if a.name == name]
     return found[0] if found else default
@@ -74,12 +85,8 @@ def stem_over_space_to_depth(source: Path, target: Path, size: int) -> bool:
     cast to float and convolved 7 x 7 at stride 2 without padding) to ``target`` with that convolution made a
     4 x 4 one over the input's space-to-depth copy. False, and nothing written, where the graph does not
     start that way."""
-    from google.protobuf.message import DecodeError
-
-    messages = _messages()
-    try:
-        model = messages["ModelProto"].FromString(Path(source).read_bytes())
-    except DecodeError:  # not a graph: its conversion says so
+    messages, model = _read(source)
+    if model is None:  # not a graph: its conversion says so
         return False
     graph = model.graph
     nodes = list(graph.node[:3])
@@ -154,12 +161,8 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
     the narrow input; any other node reads it padded back by a 1 x 1 convolution (an Identity becomes that
     convolution, which onnxruntime fuses with the sum after it). The same sums, less the zeros; None where
     nothing can be dropped (or the graph is not float32 convolutions stored as raw data)."""
-    from google.protobuf.message import DecodeError
-
-    messages = _messages()
-    try:
-        model = messages["ModelProto"].FromString(Path(source).read_bytes())
-    except DecodeError:
+    messages, model = _read(source)
+    if model is None:
         return None
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
