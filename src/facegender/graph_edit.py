@@ -179,6 +179,11 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
                                               raw_data=values.tobytes())
         return name
 
+    def narrowed_weights(node, w: np.ndarray, b: np.ndarray) -> None:
+        """``node`` (a convolution) reads ``w`` and ``b``, stored beside its own weights and bias."""
+        node.input[1] = stored(f"{node.input[1]}_narrow", w)
+        node.input[2] = stored(f"{node.input[2]}_narrow", b)
+
     nodes = list(graph.node)
     if not nodes or nodes[0].op_type != "Conv" or _int(nodes[0], "group", 1) != 1 or len(nodes[0].input) < 3:
         return None
@@ -193,8 +198,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
     narrow = {nodes[0].output[0]: width}  # tensor -> its width in the source graph (channels from keep on: zero)
     padded: dict[str, str] = {}  # narrow tensor -> its copy padded back to that width
     out = [nodes[0]]
-    nodes[0].input[1] = stored(f"{nodes[0].input[1]}_narrow", stem_w[:keep])
-    nodes[0].input[2] = stored(f"{nodes[0].input[2]}_narrow", stem_b[:keep])
+    narrowed_weights(nodes[0], stem_w[:keep], stem_b[:keep])
 
     def padding(x: str, name: str, output: str):
         eye = np.zeros((narrow[x], keep, 1, 1), "<f4")
@@ -218,8 +222,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
         if channelwise or same_sum:
             narrow[node.output[0]] = narrow[x]
         elif conv and group == narrow[x] and w.shape[1] == 1 and not b[keep:].any():  # depthwise, adding nothing there
-            node.input[1] = stored(f"{node.input[1]}_narrow", w[:keep])
-            node.input[2] = stored(f"{node.input[2]}_narrow", b[:keep])
+            narrowed_weights(node, w[:keep], b[:keep])
             for a in node.attribute:
                 if a.name == "group":
                     a.i = keep
@@ -228,8 +231,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
             width, w = len(w), w[:, :keep]
             if width > keep and not w[keep:].any() and not b[keep:].any():  # and writes zeros there too
                 w, b, narrow[node.output[0]] = w[:keep], b[:keep], width
-            node.input[1] = stored(f"{node.input[1]}_narrow", w)
-            node.input[2] = stored(f"{node.input[2]}_narrow", b)
+            narrowed_weights(node, w, b)
         elif op == "Identity":
             node = padding(x, node.name, node.output[0])
         else:
