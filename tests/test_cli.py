@@ -188,7 +188,7 @@ def _folder_of_photos(folder: Path, n: int) -> Path:
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_folder_labelled_on_a_terminal_shows_a_bar_and_says_what_failed_above_it(tmp_path):
     """The bar needs a terminal for stderr, the rows going elsewhere; without one there is no bar, tqdm is not
-    even imported (it costs labelling one photo 20 ms), and what failed is still one line."""
+    even imported (it cost labelling one photo 27 ms), and what failed is still one line."""
     folder = _folder_of_photos(tmp_path / "photos", 10)
     probe = ("import runpy, sys; sys.argv = ['facegender', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('facegender.cli', run_name='__main__')\n"

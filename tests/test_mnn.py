@@ -109,7 +109,7 @@ def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxr
 BACKGROUND_START = """
 import json, sys
 import numpy as np
-from facegender import io, mnn_runtime, onnx_model
+from facegender import mnn_runtime, onnx_model
 graph = onnx_model.descriptor_network(1)
 network = mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, graph.key, background=True)
 served = onnx_model.DescriptorGraph(graph.session, graph.key, network)

@@ -159,7 +159,7 @@ def cmd_predict(args) -> int:
         writer = None
         files = list(expand_inputs(inputs))
         # a bar for runs worth watching, on a terminal that the rows are not printed to (tqdm is imported only
-        # then: 60 ms of labelling one photo's 0.6 s)
+        # then: labelling one photo took 0.633 s with it, 0.606 without)
         progress, say = files, print
         if len(files) >= 10 and (args.output or not sys.stdout.isatty()) and sys.stderr.isatty():
             from tqdm import tqdm
