@@ -338,6 +338,45 @@ def test_the_short_range_graph_narrowed_to_8_channel_blocks_computes_what_the_sh
     assert [i.dims for i in graph.initializer if i.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
 
 
+def _identity_widenings(data: bytes) -> int:
+    """How many 1 x 1 convolutions of the graph copy their input and append zero channels."""
+    messages = graph_edit._messages()
+    graph = messages["ModelProto"].FromString(data).graph
+    weights = {t.name: np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims)) for t in graph.initializer
+               if t.data_type == 1 and t.raw_data}
+    count = 0
+    for node in graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) == 3 else None
+        if w is not None and w.shape[2:] == (1, 1) and w.shape[0] > w.shape[1]:
+            count += np.array_equal(w[:, :, 0, 0], np.eye(*w.shape[:2], dtype=np.float32)) and not weights[node.input[2]].any()
+    return count
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_the_short_range_graph_with_its_shortcuts_split_computes_what_the_shipped_one_does(narrow):
+    """graph_edit.split_shortcuts writes each residual block whose shortcut an identity convolution widens as
+    two convolutions and a concatenation: no identity convolution is left, and on real faces, at inputs of
+    several sizes and aspects, the outputs are the shipped graph's up to float rounding."""
+    import onnxruntime as ort
+
+    path = blazeface.WEIGHTS / blazeface.NETWORKS["short"].file
+    source = graph_edit.narrowed(path) if narrow else path.read_bytes()
+    assert _identity_widenings(source) >= 4  # the shipped graph's four (tools/blazeface_to_onnx.py), narrowed's five
+    split = graph_edit.split_shortcuts(source)
+    assert split is not None and _identity_widenings(split) == 0
+    assert graph_edit.split_shortcuts(split) is None  # nothing left to split
+    assert graph_edit.split_shortcuts(source, block=64) is None  # no block's widths are whole blocks of 64
+    assert graph_edit.split_shortcuts(b"not a graph") is None
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # a shape the edit left declared wrong would be a warning
+    sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in (path.read_bytes(), split)]
+    for image, side in zip(portraits(4), (128, 384, 256, 192)):
+        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
+            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
+            for a, b in zip(shipped, edited):  # boxes in input pixels (up to hundreds), score logits
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("narrow", [True, False])
 def test_a_sized_session_runs_the_narrowed_graph_where_vectors_hold_8_floats(monkeypatch, narrow):
     monkeypatch.setattr(blazeface, "NARROW_WHERE", lambda: narrow)
@@ -347,6 +386,9 @@ def test_a_sized_session_runs_the_narrowed_graph_where_vectors_hold_8_floats(mon
     own = detector.session((384, 384))
     assert own is not detector.session()
     assert (own._model_bytes is not None) == narrow  # onnxruntime keeps a graph it was given as bytes
+    if narrow:  # narrowed, then its shortcuts split
+        assert own._model_bytes == blazeface._narrowed(blazeface.WEIGHTS / detector.spec.file)
+        assert _identity_widenings(own._model_bytes) == 0
     again = detector.detect(photo, 384)
     assert len(first) == len(again) >= 1
     for a, b in zip(first, again):

@@ -12,6 +12,11 @@ first, reshaped on both sides: no more data moves than before.
 ``narrowed``: the zero channels a graph was widened by dropped again where a CPU's vectors are narrower (the
 BlazeFace graphs carry multiples of 16 channels, AVX-512's block, in onnxruntime's blocked layout).
 
+``split_shortcuts``: a residual block whose shortcut is widened by a 1 x 1 identity convolution (zero channels
+appended; BlazeFace's, as tools/blazeface_to_onnx.py and ``narrowed`` write them) made two convolutions and a
+concatenation: the channels the shortcut carries are summed with it, the ones it adds zeros to are not. The same
+sums without the identity's multiplications.
+
 Only the fields the edits read or write are declared below (their numbers are onnx.proto's); protobuf keeps
 every other field of the file as it read it.
 """
@@ -248,4 +253,112 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
     read = {x for n in out for x in n.input}
     _replace(graph.initializer, [t for t in graph.initializer if t.name in read])
     _replace(graph.value_info, [v for v in graph.value_info if v.name not in narrow])
+    return model.SerializeToString()
+
+
+def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
+    """``data`` (a serialised graph) with every ``Relu(Add(Conv(x), Conv_identity(s)))``, where the identity
+    convolution appends zero channels to ``s`` and ``Conv`` is a pointwise convolution, written as
+    ``Concat(Relu(Conv_kept(x) + s), Relu(Conv_added(x)))``: ``Conv``'s filters split at ``s``'s width. In
+    onnxruntime's blocked layout, where both parts are whole blocks of ``block`` channels, the first is one
+    convolution summing into its shortcut and the concatenation moves whole blocks; the identity's multiply-adds
+    (an eighth of BlazeFace's) are gone. None where the graph has no such block (or is not a graph)."""
+    messages = _messages()
+    try:
+        model = messages["ModelProto"].FromString(data)
+    except Exception:  # protobuf's DecodeError: not a graph
+        return None
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+
+    def array(name: str) -> np.ndarray | None:
+        t = weights.get(name)
+        if t is None or t.data_type != _FLOAT or not t.raw_data:
+            return None
+        return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
+
+    def pointwise(node) -> tuple[np.ndarray, np.ndarray] | None:
+        """A plain 1 x 1 convolution's (weights, bias), or None."""
+        if node is None or node.op_type != "Conv" or len(node.input) != 3 or _int(node, "group", 1) != 1:
+            return None
+        if any(v != 1 for v in (_ints(node, "strides") or [1])) or any(_ints(node, "pads") or []):
+            return None
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in node.attribute):
+            return None
+        w, b = array(node.input[1]), array(node.input[2])
+        if w is None or b is None or w.ndim != 4 or w.shape[2:] != (1, 1) or b.shape != w.shape[:1]:
+            return None
+        return w, b
+
+    def identity_widening(node) -> tuple[int, int] | None:
+        """(the input's width, the output's) where ``node`` copies its input and appends zero channels to it."""
+        found = pointwise(node)
+        if found is None:
+            return None
+        w, b = found
+        out, width = w.shape[:2]
+        eye = np.zeros((out, width), "<f4")
+        eye[np.arange(width), np.arange(width)] = 1
+        return (width, out) if out > width and not b.any() and np.array_equal(w[:, :, 0, 0], eye) else None
+
+    nodes = list(graph.node)
+    made = {x: n for n in nodes for x in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    relu_of = {n.input[0]: n for n in nodes if n.op_type == "Relu"}
+    Node = messages["NodeProto"]
+    rewritten: dict[str, list] = {}  # a Relu's output -> the nodes that now make it
+    gone: set[str] = set()  # outputs of the nodes removed
+    for add in nodes:
+        if add.op_type != "Add" or len(add.input) != 2 or add.output[0] not in relu_of:
+            continue
+        pair = [made.get(x) for x in add.input]
+        for widening, conv in (pair, pair[::-1]):
+            widths = identity_widening(widening)
+            if widths is not None:
+                break
+        else:
+            continue
+        width, wide = widths
+        found = pointwise(conv) if conv is not widening else None
+        relu = relu_of[add.output[0]]
+        if (found is None or found[0].shape[0] != wide or width % block or (wide - width) % block
+                or any(readers.get(x, 0) != 1 for x in (add.output[0], conv.output[0], widening.output[0]))):
+            continue
+        w, b = found
+        name, shortcut = conv.output[0], widening.input[0]
+        parts = []
+        for part, rows in (("kept", slice(None, width)), ("added", slice(width, None))):
+            for kind, values in (("weights", w[rows]), ("bias", b[rows])):
+                values = np.ascontiguousarray(values, "<f4")
+                graph.initializer.add(name=f"{name}_{part}_{kind}", dims=list(values.shape), data_type=_FLOAT,
+                                      raw_data=values.tobytes())
+            part_conv = Node(input=[conv.input[0], f"{name}_{part}_weights", f"{name}_{part}_bias"],
+                             output=[f"{name}_{part}"], name=f"{conv.name}_{part}", op_type="Conv")
+            part_conv.attribute.extend(conv.attribute)
+            parts.append(part_conv)
+        kept, added = parts
+        summed = Node(input=[f"{name}_kept", shortcut], output=[f"{name}_kept_sum"], name=f"{add.name}_kept",
+                      op_type="Add")
+        relus = [Node(input=[x], output=[f"{x}_relu"], name=f"{relu.name}_{part}", op_type="Relu")
+                 for x, part in ((f"{name}_kept_sum", "kept"), (f"{name}_added", "added"))]
+        concat = Node(input=[r.output[0] for r in relus], output=list(relu.output), name=f"{relu.name}_concat",
+                      op_type="Concat")
+        concat.attribute.add(name="axis", i=1, type=_INT)
+        rewritten[relu.output[0]] = [kept, summed, relus[0], added, relus[1], concat]
+        gone |= {add.output[0], conv.output[0], widening.output[0]}
+    if not rewritten:
+        return None
+    out = []
+    for n in nodes:
+        if n.op_type == "Relu" and n.output[0] in rewritten:
+            out += rewritten[n.output[0]]
+        elif not gone.intersection(n.output):
+            out.append(n)
+    _replace(graph.node, out)
+    read = {x for n in out for x in n.input}
+    _replace(graph.initializer, [t for t in graph.initializer if t.name in read])
+    _replace(graph.value_info, [v for v in graph.value_info if v.name not in gone])
     return model.SerializeToString()
