@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,23 +378,50 @@ def test_the_short_range_graph_with_its_shortcuts_split_computes_what_the_shippe
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("narrow", [True, False])
-def test_a_sized_session_runs_the_narrowed_graph_where_vectors_hold_8_floats(monkeypatch, narrow):
-    monkeypatch.setattr(blazeface, "NARROW_WHERE", lambda: narrow)
-    detector = BlazeFace("short")
+def test_the_shipped_8_float_graph_is_the_short_range_one_narrowed_and_split():
+    """blazeface-short-8.onnx (tools/blazeface_to_onnx.py --narrow-only): 24 channels where the shipped graph has
+    32, no identity convolution, and on real faces the shipped graph's outputs up to float rounding."""
+    import onnxruntime as ort
+
+    spec = blazeface.NETWORKS["short"]
+    path, narrow = blazeface.WEIGHTS / spec.file, blazeface.WEIGHTS / spec.narrow_file
+    data = narrow.read_bytes()
+    assert _identity_widenings(path.read_bytes()) == 4 and _identity_widenings(data) == 0
+    graph = graph_edit._messages()["ModelProto"].FromString(data).graph
+    assert [list(t.dims) for t in graph.initializer if t.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 2
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (path, narrow)]
+    for image, side in zip(portraits(4), (128, 384, 256, 192)):
+        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
+            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
+            for a, b in zip(shipped, edited):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_every_session_runs_the_8_float_graph_where_vectors_hold_8_floats(monkeypatch):
+    """Where NARROW_WHERE holds, the any-size session and the sized ones load ``narrow_file``; elsewhere the
+    shipped graph; the faces found are the same either way."""
     photo = portraits(1)[0].resize((384, 384))
-    first = detector.detect(photo, 384)  # the any-size session, on the shipped graph
-    own = detector.session((384, 384))
-    assert own is not detector.session()
-    assert (own._model_bytes is not None) == narrow  # onnxruntime keeps a graph it was given as bytes
-    if narrow:  # narrowed, then its shortcuts split
-        assert own._model_bytes == blazeface._narrowed(blazeface.WEIGHTS / detector.spec.file)
-        assert _identity_widenings(own._model_bytes) == 0
-    again = detector.detect(photo, 384)
-    assert len(first) == len(again) >= 1
-    for a, b in zip(first, again):
+    found = {}
+    for narrow in (True, False):
+        monkeypatch.setattr(blazeface, "NARROW_WHERE", lambda narrow=narrow: narrow)
+        detector = BlazeFace("short")
+        first = detector.detect(photo, 384)  # the any-size session
+        own = detector.session((384, 384))
+        assert own is not detector.session()
+        expected = detector.spec.narrow_file if narrow else detector.spec.file
+        assert {Path(s._model_path).name for s in (own, detector.session())} == {expected}
+        again = detector.detect(photo, 384)  # the sized session
+        np.testing.assert_allclose([d.box for d in again], [d.box for d in first], atol=1e-2)
+        found[narrow] = first
+    assert len(found[True]) == len(found[False]) >= 1
+    for a, b in zip(found[True], found[False]):
         np.testing.assert_allclose(a.box, b.box, atol=1e-2)
         assert a.score == pytest.approx(b.score, abs=1e-4)
+    # the full-range network has no such file: its shipped graph everywhere
+    monkeypatch.setattr(blazeface, "NARROW_WHERE", lambda: True)
+    assert Path(BlazeFace("full").session()._model_path).name == blazeface.NETWORKS["full"].file
 
 
 def test_a_large_size_seen_again_gets_a_session_of_its_own_that_finds_the_same_faces():

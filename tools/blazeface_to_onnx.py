@@ -9,6 +9,10 @@ the script in a throw-away environment:
     python3 -m venv /tmp/bfconv
     /tmp/bfconv/bin/pip install tflite2onnx==0.4.1 ai-edge-litert==2.3.0 onnxruntime pillow numpy
     /tmp/bfconv/bin/python tools/blazeface_to_onnx.py [--images 50]
+
+It also writes blazeface-short-8.onnx, the short-range graph for CPUs whose vectors hold 8 floats (AVX2 without
+AVX-512): the shipped one narrowed back and its shortcuts split (facegender.graph_edit). ``--narrow-only`` writes
+just that file, from the shipped graph, with numpy and protobuf alone (the project's own environment).
 """
 from __future__ import annotations
 
@@ -264,10 +268,33 @@ def check(tflite: Path, onnx_path: Path, faces: list[np.ndarray]) -> None:
             raise SystemExit(f"{onnx_path.name}: {key} differ from TFLite by {worst[key]:.3g} (> {limit})")
 
 
+def write(data: bytes, target: Path) -> None:
+    partial = target.with_name(f"{target.name}.partial")  # written beside its target, then renamed: never half a file
+    partial.write_bytes(data)
+    partial.replace(target)
+    print(f"wrote {target}")
+
+
+def narrow_variant() -> None:
+    """blazeface-short-8.onnx from the shipped short-range graph (facegender.blazeface.NETWORKS' narrow_file)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from facegender.graph_edit import narrowed, split_shortcuts
+
+    source = WEIGHTS / "blazeface-short.onnx"
+    graph = split_shortcuts(narrowed(source) or source.read_bytes())
+    if graph is None:
+        raise SystemExit(f"{source.name}: neither edit applies to it")
+    write(graph, WEIGHTS / "blazeface-short-8.onnx")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50, help="real faces to compare TFLite and ONNX on")
+    parser.add_argument("--narrow-only", action="store_true", help="only write blazeface-short-8.onnx")
     args = parser.parse_args()
+    if args.narrow_only:
+        narrow_variant()
+        return
     faces = sample_faces(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -279,10 +306,8 @@ def main() -> None:
             channels_in_blocks(out)
             symbolic_shapes(out)
             check(tflite, out, faces)
-            partial = WEIGHTS / f"{out.name}.partial"  # written beside its target, then renamed: never half a file
-            partial.write_bytes(out.read_bytes())
-            partial.replace(WEIGHTS / out.name)
-            print(f"wrote {WEIGHTS / out.name}")
+            write(out.read_bytes(), WEIGHTS / out.name)
+    narrow_variant()
 
 
 if __name__ == "__main__":

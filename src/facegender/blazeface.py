@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from .cpu import x86_without_avx512
-from .graph_edit import narrowed, split_shortcuts
 from .io import UserError
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -37,6 +36,7 @@ class Network:
     side: int  # the input side it was trained at
     strides: tuple[tuple[int, int], ...]  # (stride, anchors per cell), in the order of the outputs
     min_score: float  # the default threshold
+    narrow_file: str | None = None  # the same network for 8-float vectors (NARROW_WHERE), where one ships
 
 
 # MediaPipe's threshold is 0.5 for both. The short-range network's few false boxes (on 640x480 backgrounds
@@ -44,7 +44,7 @@ class Network:
 # it found at 0.5 and 5 of 22 false boxes, and the full-range network finds most of the rest (benchmarks/
 # detectors.py). The full-range network's false boxes are rare at 0.5.
 NETWORKS = {
-    "short": Network("blazeface-short.onnx", 128, ((8, 2), (16, 6)), 0.65),
+    "short": Network("blazeface-short.onnx", 128, ((8, 2), (16, 6)), 0.65, "blazeface-short-8.onnx"),
     "full": Network("blazeface-full.onnx", 192, ((4, 1),), 0.5),
 }
 MIN_SCORE = 0.5  # MediaPipe's
@@ -88,11 +88,11 @@ SIZED_SESSIONS = 2
 SIZES_COUNTED = 256
 # The shipped graphs carry multiples of 16 channels, onnxruntime's block with AVX-512 (tools/blazeface_to_onnx.py).
 # Where a vector holds 8 floats (AVX2), the short-range graph's widening of its first layers, 24 channels to 32
-# at half the input's size, costs more than it saves: a sized session there runs the graph narrowed back
-# (graph_edit.narrowed; the same outputs within 4e-5; a 384 x 288 pass 8.5 -> 8.0 ms on one core of an AVX2-only
-# AMD EPYC), its residual blocks' widened shortcuts then split (graph_edit.split_shortcuts: no identity
-# convolutions, an eighth of the pass's multiply-adds; 384 x 288 8.2 -> 7.2 ms, 128 x 96 0.94 -> 0.83, the same
-# CPU). Sized sessions only: the edits, protobuf's import included (37 ms), pay over a stream of large inputs.
+# at half the input's size, costs more than it saves: every session there runs ``narrow_file``, the graph
+# narrowed back (graph_edit.narrowed; a 384 x 288 pass 8.5 -> 8.0 ms on one core of an AVX2-only AMD EPYC) and
+# its residual blocks' widened shortcuts split (graph_edit.split_shortcuts: no identity convolutions, an eighth of
+# the pass's multiply-adds; 384 x 288 8.2 -> 7.2 ms, 128 x 96 0.94 -> 0.83, the same CPU). The same outputs within
+# 4e-5. It ships made (tools/blazeface_to_onnx.py): made at run time, the edits and protobuf's import took 37 ms.
 NARROW_WHERE = x86_without_avx512
 # The input tensor of a pass is written into memory its thread keeps, up to this many bytes (a 384 x 288 pass
 # takes 1.3 MB): freshly allocated each time, it came from the system page by page, and filling it took twice
@@ -147,7 +147,7 @@ class BlazeFace:
             import onnxruntime as ort
         except ImportError:
             raise UserError(f"the BlazeFace detector runs on onnxruntime: {INSTALL_HINT}") from None
-        path = WEIGHTS / self.spec.file
+        path = WEIGHTS / (self.spec.narrow_file if self.spec.narrow_file and NARROW_WHERE() else self.spec.file)
         if not path.is_file():
             raise UserError(f"{path} is missing from this install: reinstall facegender")
         options = ort.SessionOptions()
@@ -161,8 +161,7 @@ class BlazeFace:
             options.enable_mem_pattern = False
             for name, n in (("batch", 1), ("height", size[0]), ("width", size[1])):
                 options.add_free_dimension_override_by_name(name, n)
-        graph = _narrowed(path) if size is not None and NARROW_WHERE() else None
-        return ort.InferenceSession(graph or str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def detect(self, image: Image.Image, side: int | None = None, min_score: float | None = None) -> list[Detection]:
         """Faces in ``image`` (RGB) scoring above ``min_score`` (default: this detector's), best first, with
@@ -200,17 +199,6 @@ class BlazeFace:
         holds = (dx < raw_boxes[:, :, 2] / 2) & (dy < raw_boxes[:, :, 3] / 2)
         best = np.where(holds, np.clip(raw_scores[:, :, 0], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT), -RAW_SCORE_LIMIT).max(axis=1)
         return [float(v) for v in 1 / (1 + np.exp(-best))]
-
-
-@cache
-def _narrowed(path: Path) -> bytes | None:
-    """A shipped graph ``graph_edit.narrowed``, then with its shortcuts split (``graph_edit.split_shortcuts``),
-    made once a process; None where neither edit applies or they cannot be made."""
-    try:
-        graph = narrowed(path)
-        return split_shortcuts(graph or path.read_bytes()) or graph
-    except ImportError:  # protobuf, a dependency of the package, removed since
-        return None
 
 
 _ARENA_LOCK = threading.Lock()
