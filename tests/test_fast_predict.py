@@ -13,6 +13,7 @@ from conftest import shared
 from facegender.detect import MAX_SIDE, FaceDetector
 from facegender.images import open_rgb, open_rgb_reduced
 from facegender.io import glibc
+from facegender import inference
 from facegender.inference import Classifier
 
 
@@ -41,6 +42,32 @@ def test_threads_give_the_same_predictions_in_the_same_order(clf, tmp_path):
     assert threaded == inline
     assert [r["source"] for r in inline if r["face"] in (None, 1)] == [str(f) for f in files]
     assert inline[3]["error"] and inline[4]["faces"] == 0 and sum(r["label"] is not None for r in inline) >= 12
+
+
+def test_photos_detected_together_give_what_each_photo_gives_alone(clf, tmp_path, monkeypatch):
+    """``faces_many`` decodes photos and detects their faces together, a group holding at most
+    DETECTED_TOGETHER_PIXELS of decoded pixels: the same stubs and model inputs as ``faces`` photo by photo,
+    in order, with an unreadable file and a photo without a face among them."""
+    files = sorted((shared("scut_fbp5500") / "img").glob("*.jpg"))[::600] + [astronaut_photo(tmp_path / "a.jpg")]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    Image.new("RGB", (300, 200), (90, 140, 200)).save(tmp_path / "sky.png")
+    files[2:2] = [tmp_path / "broken.jpg", tmp_path / "sky.png"]
+    alone = [clf.faces(str(f), f) for f in files]
+    groups: list[int] = []
+    detect_many = clf.detector.detect_many
+    monkeypatch.setattr(clf.detector, "detect_many", lambda images: groups.append(len(images)) or detect_many(images))
+    with Image.open(files[0]) as first:  # SCUT's photos are all one size: three of them to a group
+        monkeypatch.setattr(inference, "DETECTED_TOGETHER_PIXELS", 3 * first.width * first.height)
+    together = clf.faces_many([(str(f), f, 1.0) for f in files])
+    # one group a time the budget is reached (held pixels, counted after each photo), several photos to a group
+    assert len(together) == len(files) and len(groups) >= 3 and max(groups) == 3
+    assert sum(groups) == len(files) - 1  # every photo that decodes, once
+    for one, many in zip(alone, together):
+        assert [stub.to_dict() for stub, _ in one] == [stub.to_dict() for stub, _ in many]
+        for (_, a), (_, b) in zip(one, many):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    assert together[2][0][0].error and together[3][0][0].faces == 0
+    assert sum(stub.faces == 1 for one in together for stub, _ in one) >= len(files) - 3
 
 
 def test_a_shared_detector_gives_each_thread_the_same_answer():

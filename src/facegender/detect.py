@@ -226,11 +226,24 @@ class FaceDetector:
         too, a function that makes it once (the landmark model reads the array, and each conversion copies the
         photo); called only where the detector needs the array. ``scale``: the photo's pixels per pixel of
         ``image``, where it was reduced while decoding (``min_face`` counts in the photo's pixels)."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return self.detect_many([(image, pixels, scale)])[0]
+
+    def detect_many(self, images: list[tuple[Image.Image, Callable[[], np.ndarray] | None, float]]) -> list[list[Face]]:
+        """``detect`` of several images, each given as (image, pixels, scale). BlazeFace finds the faces of all
+        of them first, then places all their landmarks: the landmark model (9 MB) stays in the cache from one
+        face to the next, where the networks' passes over each photo pushed it out (inference.DETECTED_TOGETHER)."""
+        rgbs = [(image if image.mode == "RGB" else image.convert("RGB"), pixels, scale) for image, pixels, scale in images]
         with self._borrowed() as models:
-            faces = (self._blazeface(models, rgb, pixels, scale) if self.kind == "blazeface"
-                     else self._hog(models, rgb, pixels))
-        return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+            if self.kind == "blazeface":
+                _, landmarks, dlib = models
+                # each image's array made once, where it is needed
+                arrays = [functools.cache(pixels or (lambda rgb=rgb: np.asarray(rgb))) for rgb, pixels, _ in rgbs]
+                found = [self._blazeface(rgb, pixels, scale) for (rgb, _, scale), pixels in zip(rgbs, arrays)]
+                faces = [[_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in ds]
+                         for (rgb, _, _), pixels, ds in zip(rgbs, arrays, found)]
+            else:
+                faces = [self._hog(models, rgb, pixels) for rgb, pixels, _ in rgbs]
+        return [sorted(one, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True) for one in faces]
 
     def _hog(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None) -> list[Face]:
         scale = min(1.0, MAX_SIDE / max(rgb.size))
@@ -260,10 +273,10 @@ class FaceDetector:
             faces.append(_with_landmarks(box, float(score), pts))
         return faces
 
-    def _blazeface(self, models: tuple, rgb: Image.Image, pixels: Callable[[], np.ndarray] | None = None,
-                   scale: float = 1.0) -> list[Face]:
-        """The short-range network at its own 128 px (faces of a fifth of the image and more) and, where
-        the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
+    def _blazeface(self, rgb: Image.Image, pixels: Callable[[], np.ndarray], scale: float = 1.0) -> list:
+        """The faces BlazeFace finds in ``rgb`` (``pixels``: its array, made once), boxes framed as HOG's, before
+        their landmarks are placed: the short-range network at its own 128 px (faces of a fifth of the image
+        and more) and, where the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
         ``smallest`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
         where the first pass found nothing). Every pass reads one resized copy. What a larger pass doubts
         gets a second look at a window around it, cut from the full-size image. Where none finds a face in
@@ -271,7 +284,6 @@ class FaceDetector:
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
         MediaPipe's 0.5."""
         short = self._networks["short"]
-        pixels = functools.cache(pixels or (lambda: np.asarray(rgb)))  # made once, where it is needed
         longer = max(rgb.size)
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
@@ -305,8 +317,7 @@ class FaceDetector:
             found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
                              for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
-        _, landmarks, dlib = models
-        return [_framed_as_hog(_landmarked(rgb, pixels, d, landmarks, dlib)) for d in merge(as_hog)]
+        return merge(as_hog)
 
     def passes(self, longer: int, smallest: float | None = None) -> list[int]:
         """The inputs (longer side, px) of the short-range network's passes over an image whose longer side
@@ -508,4 +519,11 @@ def detect_faces(image: Image.Image, detector: FaceDetector, pixels: Callable[[]
                  scale: float = 1.0) -> list[tuple[Face, tuple[int, int, int, int]]]:
     """Every face in ``image`` with its canonical crop box, largest first (``pixels``, ``scale``: as
     ``FaceDetector.detect``)."""
-    return [(face, canonical_box(face, image.size)) for face in detector.detect(image, pixels, scale)]
+    return detect_faces_many([(image, pixels, scale)], detector)[0]
+
+
+def detect_faces_many(images: list[tuple[Image.Image, Callable[[], np.ndarray] | None, float]],
+                      detector: FaceDetector) -> list[list[tuple[Face, tuple[int, int, int, int]]]]:
+    """``detect_faces`` of several (image, pixels, scale), detected together (``FaceDetector.detect_many``)."""
+    found = detector.detect_many(images)
+    return [[(face, canonical_box(face, image.size)) for face in faces] for (image, _, _), faces in zip(images, found)]
