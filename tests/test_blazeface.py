@@ -315,25 +315,33 @@ def test_the_declared_map_sizes_hold_at_every_input_size(network):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def _same_outputs_on_faces(*graphs) -> None:
+    """Each graph (a path or a serialised graph) gives the first one's outputs on real faces, at inputs of
+    several sizes and aspects, up to float rounding."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # a shape an edit left declared wrong would be a warning
+    sessions = [ort.InferenceSession(g if isinstance(g, bytes) else str(g), options, providers=["CPUExecutionProvider"])
+                for g in graphs]
+    for image, side in zip(portraits(4), (128, 384, 256, 192)):
+        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
+            shipped, *edited = (s.run(None, {"input": tensor}) for s in sessions)
+            for outputs in edited:
+                for a, b in zip(shipped, outputs):  # boxes in input pixels (up to hundreds), score logits
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 def test_the_short_range_graph_narrowed_to_8_channel_blocks_computes_what_the_shipped_one_does():
     """graph_edit.narrowed drops the zero channels tools/blazeface_to_onnx.py widened the first layers by (24 to
     32): on real faces, at inputs of several sizes and aspects, the same outputs up to float rounding."""
-    import onnxruntime as ort
-
     path = blazeface.WEIGHTS / blazeface.NETWORKS["short"].file
     narrow = graph_edit.narrowed(path)
     assert narrow is not None and len(narrow) < path.stat().st_size
     # every channel of the full-range network's first layer carries weights: nothing to drop
     assert graph_edit.narrowed(blazeface.WEIGHTS / blazeface.NETWORKS["full"].file) is None
     assert graph_edit.narrowed(path, block=16) is None  # 24 channels round up to the 32 shipped
-    options = ort.SessionOptions()
-    options.log_severity_level = 2  # a shape the edit left declared wrong would be a warning
-    sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in (path.read_bytes(), narrow)]
-    for image, side in zip(portraits(4), (128, 384, 256, 192)):
-        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
-            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
-            for a, b in zip(shipped, edited):  # boxes in input pixels (up to hundreds), score logits
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    _same_outputs_on_faces(path, narrow)
     onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
     graph = onnx.load_from_string(narrow).graph
     assert [i.dims for i in graph.initializer if i.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
@@ -358,8 +366,6 @@ def test_the_short_range_graph_with_its_shortcuts_split_computes_what_the_shippe
     """graph_edit.split_shortcuts writes each residual block whose shortcut an identity convolution widens as
     two convolutions and a concatenation: no identity convolution is left, and on real faces, at inputs of
     several sizes and aspects, the outputs are the shipped graph's up to float rounding."""
-    import onnxruntime as ort
-
     path = blazeface.WEIGHTS / blazeface.NETWORKS["short"].file
     source = graph_edit.narrowed(path) if narrow else path.read_bytes()
     assert _identity_widenings(source) >= 4  # the shipped graph's four (tools/blazeface_to_onnx.py), narrowed's five
@@ -368,35 +374,19 @@ def test_the_short_range_graph_with_its_shortcuts_split_computes_what_the_shippe
     assert graph_edit.split_shortcuts(split) is None  # nothing left to split
     assert graph_edit.split_shortcuts(source, block=64) is None  # no block's widths are whole blocks of 64
     assert graph_edit.split_shortcuts(b"not a graph") is None
-    options = ort.SessionOptions()
-    options.log_severity_level = 2  # a shape the edit left declared wrong would be a warning
-    sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in (path.read_bytes(), split)]
-    for image, side in zip(portraits(4), (128, 384, 256, 192)):
-        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
-            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
-            for a, b in zip(shipped, edited):  # boxes in input pixels (up to hundreds), score logits
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    _same_outputs_on_faces(path, split)
 
 
 def test_the_shipped_8_float_graph_is_the_short_range_one_narrowed_and_split():
     """blazeface-short-8.onnx (tools/blazeface_to_onnx.py --narrow-only): 24 channels where the shipped graph has
     32, no identity convolution, and on real faces the shipped graph's outputs up to float rounding."""
-    import onnxruntime as ort
-
     spec = blazeface.NETWORKS["short"]
     path, narrow = blazeface.WEIGHTS / spec.file, blazeface.WEIGHTS / spec.narrow_file
     data = narrow.read_bytes()
     assert _identity_widenings(path.read_bytes()) == 4 and _identity_widenings(data) == 0
     graph = graph_edit._messages()["ModelProto"].FromString(data).graph
     assert [list(t.dims) for t in graph.initializer if t.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
-    options = ort.SessionOptions()
-    options.log_severity_level = 2
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (path, narrow)]
-    for image, side in zip(portraits(4), (128, 384, 256, 192)):
-        for tensor in (letterbox(image, side)[0], letterbox(image.crop((0, 0, 200, 330)), side)[0]):
-            shipped, edited = (s.run(None, {"input": tensor}) for s in sessions)
-            for a, b in zip(shipped, edited):
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    _same_outputs_on_faces(path, narrow)
 
 
 def test_every_session_runs_the_8_float_graph_where_vectors_hold_8_floats(monkeypatch):

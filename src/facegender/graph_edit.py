@@ -64,15 +64,25 @@ def _messages():
             for name in ("ModelProto", "NodeProto", "TensorProto")}
 
 
-def _read(source: Path) -> tuple[dict, object | None]:
-    """(``_messages()``, the file's ModelProto), the model None where the file is not a graph."""
+def _read(source: Path | bytes) -> tuple[dict, object | None]:
+    """(``_messages()``, the ModelProto of a file or of a serialised graph), the model None where it is not a graph."""
     from google.protobuf.message import DecodeError
 
     messages = _messages()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        return messages, messages["ModelProto"].FromString(Path(source).read_bytes())
+        return messages, messages["ModelProto"].FromString(data)
     except DecodeError:
         return messages, None
+
+
+def _float_array(weights: dict, name: str) -> np.ndarray | None:
+    """The float32 initializer ``name`` of ``weights`` (name -> TensorProto); None where it is not one, stored
+    as raw data."""
+    t = weights.get(name)
+    if t is None or t.data_type != _FLOAT or not t.raw_data:
+        return None
+    return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
 
 
 def _int(node, name: str, default: int) -> int:
@@ -171,12 +181,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
         return None
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-
-    def array(name: str) -> np.ndarray | None:
-        t = weights.get(name)
-        if t is None or t.data_type != _FLOAT or not t.raw_data:
-            return None
-        return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
+    array = lambda name: _float_array(weights, name)  # noqa: E731
 
     def stored(name: str, values: np.ndarray) -> str:
         values = np.ascontiguousarray(values, "<f4")
@@ -263,19 +268,12 @@ def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
     onnxruntime's blocked layout, where both parts are whole blocks of ``block`` channels, the first is one
     convolution summing into its shortcut and the concatenation moves whole blocks; the identity's multiply-adds
     (an eighth of BlazeFace's) are gone. None where the graph has no such block (or is not a graph)."""
-    messages = _messages()
-    try:
-        model = messages["ModelProto"].FromString(data)
-    except Exception:  # protobuf's DecodeError: not a graph
+    messages, model = _read(data)
+    if model is None:
         return None
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-
-    def array(name: str) -> np.ndarray | None:
-        t = weights.get(name)
-        if t is None or t.data_type != _FLOAT or not t.raw_data:
-            return None
-        return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
+    array = lambda name: _float_array(weights, name)  # noqa: E731
 
     def pointwise(node) -> tuple[np.ndarray, np.ndarray] | None:
         """A plain 1 x 1 convolution's (weights, bias), or None."""
