@@ -278,13 +278,14 @@ def write(data: bytes, target: Path) -> None:
 def narrow_variant() -> None:
     """blazeface-short-8.onnx from the shipped short-range graph (facegender.blazeface.NETWORKS' narrow_file)."""
     sys.path.insert(0, str(ROOT / "src"))
+    from facegender.blazeface import NETWORKS
     from facegender.graph_edit import narrowed, split_shortcuts
 
-    source = WEIGHTS / "blazeface-short.onnx"
+    source = WEIGHTS / NETWORKS["short"].file
     graph = split_shortcuts(narrowed(source) or source.read_bytes())
     if graph is None:
         raise SystemExit(f"{source.name}: neither edit applies to it")
-    write(graph, WEIGHTS / "blazeface-short-8.onnx")
+    write(graph, WEIGHTS / NETWORKS["short"].narrow_file)
 
 
 def main() -> None:

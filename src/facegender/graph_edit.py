@@ -85,6 +85,12 @@ def _float_array(weights: dict, name: str) -> np.ndarray | None:
     return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.dims))
 
 
+def _stored(graph, name: str, values: np.ndarray):
+    """``values`` added to ``graph``'s initializers as the float32 tensor ``name`` (raw data); returns it."""
+    values = np.ascontiguousarray(values, "<f4")
+    return graph.initializer.add(name=name, dims=list(values.shape), data_type=_FLOAT, raw_data=values.tobytes())
+
+
 def _int(node, name: str, default: int) -> int:
     found = [a.i for a in node.attribute if a.name == name]
     return found[0] if found else default
@@ -132,7 +138,7 @@ def stem_over_space_to_depth(source: Path, target: Path, size: int) -> bool:
     for key, shape in tensors.items():
         graph.initializer.add(name=key, dims=[len(shape)], data_type=_INT64, raw_data=np.array(shape, "<i8").tobytes())
     graph.initializer.remove(stem)
-    graph.initializer.add(name=name, dims=list(blocked.shape), data_type=_FLOAT, raw_data=blocked.tobytes())
+    _stored(graph, name, blocked)
     # N x n x 2 x n x 2 x 3 -> N x 2 x 2 x 3 x n x n: the rows' and columns' offsets in a block, then the colour
     Node = messages["NodeProto"]
     reshape = Node(input=[transpose.input[0], f"{name}_blocks"], output=[f"{name}_6d"], name=f"{name}_reshape",
@@ -184,9 +190,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
     array = lambda name: _float_array(weights, name)  # noqa: E731
 
     def stored(name: str, values: np.ndarray) -> str:
-        values = np.ascontiguousarray(values, "<f4")
-        weights[name] = graph.initializer.add(name=name, dims=list(values.shape), data_type=_FLOAT,
-                                              raw_data=values.tobytes())
+        weights[name] = _stored(graph, name, values)
         return name
 
     def narrowed_weights(node, w: np.ndarray, b: np.ndarray) -> None:
@@ -211,8 +215,7 @@ def narrowed(source: Path, block: int = NARROW_BLOCK) -> bytes | None:
     narrowed_weights(nodes[0], stem_w[:keep], stem_b[:keep])
 
     def padding(x: str, name: str, output: str):
-        eye = np.zeros((narrow[x], keep, 1, 1), "<f4")
-        eye[np.arange(keep), np.arange(keep)] = 1
+        eye = np.eye(narrow[x], keep, dtype="<f4")[:, :, None, None]
         node = messages["NodeProto"](input=[x, stored(f"{name}_eye", eye), stored(f"{name}_zero", np.zeros(narrow[x]))],
                                      output=[output], name=name, op_type="Conv")
         node.attribute.add(name="kernel_shape", ints=[1, 1], type=_INTS)
@@ -295,9 +298,8 @@ def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
             return None
         w, b = found
         out, width = w.shape[:2]
-        eye = np.zeros((out, width), "<f4")
-        eye[np.arange(width), np.arange(width)] = 1
-        return (width, out) if out > width and not b.any() and np.array_equal(w[:, :, 0, 0], eye) else None
+        copies = np.array_equal(w[:, :, 0, 0], np.eye(out, width, dtype="<f4"))
+        return (width, out) if out > width and not b.any() and copies else None
 
     nodes = list(graph.node)
     made = {x: n for n in nodes for x in n.output}
@@ -330,9 +332,7 @@ def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
         parts = []
         for part, rows in (("kept", slice(None, width)), ("added", slice(width, None))):
             for kind, values in (("weights", w[rows]), ("bias", b[rows])):
-                values = np.ascontiguousarray(values, "<f4")
-                graph.initializer.add(name=f"{name}_{part}_{kind}", dims=list(values.shape), data_type=_FLOAT,
-                                      raw_data=values.tobytes())
+                _stored(graph, f"{name}_{part}_{kind}", values)
             part_conv = Node(input=[conv.input[0], f"{name}_{part}_weights", f"{name}_{part}_bias"],
                              output=[f"{name}_{part}"], name=f"{conv.name}_{part}", op_type="Conv")
             part_conv.attribute.extend(conv.attribute)
