@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test,docs]'
 	touch $(STAMP)
 
+# The inference core's test files run in test-core's clean environment; here, only their tests that need the
+# training extra (PyTorch's answers to compare with, onnx to read the graphs) run.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(CORE_TESTS:%=--ignore=%)
+	$(PY) -m pytest -q -m needs_train $(CORE_TESTS)
 	$(MAKE) test-core
 
 # The inference core as a user installs it, in a clean environment without PyTorch: the package built from
@@ -37,7 +40,7 @@ test-core:
 	$(CORE)/bin/python -m pip install --quiet --upgrade pip
 	$(CORE)/bin/python -m pip install --quiet -c constraints.txt '.[serve]' pytest httpx scikit-image
 	$(CORE)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(CORE)" if u.find_spec("torch") else 0)'
-	$(CORE)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_eval" $(CORE_TESTS)
+	$(CORE)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_eval and not needs_train" $(CORE_TESTS)
 	$(CORE)/bin/python -m pip install --quiet -c constraints.txt '.[eval]'
 	$(CORE)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(CORE)" if u.find_spec("torch") else 0)'
 	$(CORE)/bin/python -m pytest -q -p no:cacheprovider -m needs_eval $(CORE_TESTS)

@@ -271,6 +271,7 @@ def test_anchors_follow_the_input_size():
     assert tuple(anchors("full", 192, 192)[0]) == (2.0, 2.0)
 
 
+@pytest.mark.needs_train
 @pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
 def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks(network):
     """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout, and
@@ -293,6 +294,7 @@ def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks
     assert declared.get(convs[0].output[0], [])[2:] == ["height/2", "width/2"]
 
 
+@pytest.mark.needs_train
 @pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
 def test_the_declared_map_sizes_hold_at_every_input_size(network):
     """The graphs as shipped (their maps' sizes declared, so that onnxruntime fuses the residual Adds) against
@@ -332,6 +334,7 @@ def _same_outputs_on_faces(*graphs) -> None:
                     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.needs_train
 def test_the_short_range_graph_narrowed_to_8_channel_blocks_computes_what_the_shipped_one_does():
     """graph_edit.narrowed drops the zero channels tools/blazeface_to_onnx.py widened the first layers by (24 to
     32): on real faces, at inputs of several sizes and aspects, the same outputs up to float rounding."""

@@ -1,7 +1,8 @@
 """The inference core: predict, serve, evaluate and Classifier without PyTorch, with the PyTorch path's answers.
 
-These tests also run in `make test-core`'s clean environment, where only `pip install '.[serve]'` (then
+`make test` runs these tests in `make test-core`'s clean environment, where only `pip install '.[serve]'` (then
 `.[eval]`) is installed: there, what they check of a subprocess is checked of a real install without torch.
+Those marked ``needs_train`` compare with PyTorch, and run in the development environment instead.
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def _faces_of_every_corpus(clf) -> list:
     return found
 
 
+@pytest.mark.needs_train
 @pytest.mark.parametrize("name", ["descriptor", "resnet18", "ensemble"])
 def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, descriptor_runtime):
     """P(male) per face within 1e-4 of PyTorch's float32, for every bundled model (and an ensemble of
