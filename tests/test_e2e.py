@@ -20,16 +20,17 @@ def test_prepare_finds_the_faces_of_each_corpus(real_subsets):
 def test_prepare_train_evaluate_predict_on_real_faces(real_subsets, tmp_path, capsys):
     data = [str(real_subsets[name]) for name in ("utkface", "celeba", "scut")]
     run = tmp_path / "run"
-    args = ["train", "--out", str(run), "--weights", "none", "--epochs", "3", "--seed", "0"]
+    args = ["train", "--out", str(run), "--weights", "none", "--epochs", "2", "--seed", "0"]
     for d in data:
         args += ["--data", d]
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("training_metrics.png", "confusion_matrix.png", "roc_curve.png", "calibration.png"):
         assert (run / name).stat().st_size > 10_000, name
-    assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + three epochs
-    # three epochs from random weights on ~1,600 faces: clearly better than chance, far from the final model
-    assert metrics["roc_auc"] > 0.6, metrics["roc_auc"]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3  # header + two epochs
+    # two epochs from random weights on ~1,600 faces: clearly better than chance (0.92 on an AVX2 EPYC),
+    # far from the final model
+    assert metrics["roc_auc"] > 0.7, metrics["roc_auc"]
     assert set(metrics["by_source"]) == {"utkface", "celeba", "scut_fbp5500"}
     assert {"source", "age_group", "race"} <= set(metrics["groups"])
     assert metrics["calibration"]["ece_after"] <= metrics["calibration"]["ece_before"] + 0.02
