@@ -146,8 +146,10 @@ def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_
     assert mnn_runtime.chosen_runtime() == "mnn"
     descriptor_runtime("auto")
     with open("/proc/cpuinfo") as f:
-        flags = next(line for line in f if line.startswith("flags")).split()
-    expected = "mnn" if "avx2" in flags and "avx512f" not in flags else "onnxruntime"
+        lines = [line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()]
+    info = {name.strip(): value.split() for name, value in lines}
+    flags, zen_4 = info.get("flags", []), info.get("vendor_id") == ["AuthenticAMD"] and info.get("cpu family") == ["25"]
+    expected = "mnn" if ("avx2" in flags and "avx512f" not in flags) or (zen_4 and "avx512f" in flags) else "onnxruntime"
     assert mnn_runtime.chosen_runtime() == expected
     descriptor_runtime("openvino")
     with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=openvino: must be one of auto, mnn, onnxruntime"):
@@ -306,3 +308,24 @@ def test_a_bad_runtime_name_stops_predict_with_one_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert f"{mnn_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime" in done.stderr
+
+
+ZEN_4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx avx2 fma avx512f avx512bw\n"
+
+
+@pytest.mark.parametrize("cpuinfo, without_avx512, in_halves, runtime", [
+    (ZEN_4, False, True, "mnn"),  # AVX-512 as two 256-bit halves: MNN's AVX2 kernels were faster
+    (ZEN_4.replace(" avx512f avx512bw", ""), True, False, "mnn"),  # the same CPU with AVX-512 hidden (a VM's)
+    (ZEN_4.replace("25", "26"), False, False, "onnxruntime"),  # Zen 5: not measured, onnxruntime's AVX-512
+    (ZEN_4.replace("AuthenticAMD", "GenuineIntel").replace("25", "6"), False, False, "onnxruntime"),  # a Xeon
+    (ZEN_4 + "\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n", False, True, "mnn"),  # the first processor's
+    ("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n", False, False, "onnxruntime"),  # arm64
+])
+def test_the_runtime_that_auto_takes_follows_the_cpu(monkeypatch, descriptor_runtime, cpuinfo, without_avx512,
+                                                     in_halves, runtime):
+    from facegender import cpu
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: cpu.first_processor(cpuinfo))
+    descriptor_runtime("auto")
+    assert (cpu.x86_without_avx512(), cpu.avx512_in_halves()) == (without_avx512, in_halves)
+    assert mnn_runtime.chosen_runtime() == runtime

@@ -1,15 +1,16 @@
 """dlib's descriptor network on MNN, where it runs faster than on onnxruntime.
 
-The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's
-float32 peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same
-result (descriptors within 2e-5 of onnxruntime's, cosine 0.9999999): 3.6 against 6.5 ms per face in batches
-of 64 on one core of an AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``), the first convolution
-made one it can transform too (``converted``). MNN's wheel carries
-AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels: so ``auto`` takes MNN on x86-64
-CPUs without AVX-512 only. A single chip stays on onnxruntime (8.7 against 9.6 ms there: the transforms
-pay over a batch), and so do a process's first few batches (``MNNNetwork.takes``). Where a
-stream of small batches (a server's) starts it and the process has a core to spare, MNN starts in a thread
-of its own while onnxruntime goes on: no request waits for it.
+The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's float32
+peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same result (descriptors
+within 2e-5 of onnxruntime's, cosine 0.9999999): 3.6 against 6.5 ms per face in batches of 64 on one core of an
+AVX2-only AMD EPYC (``benchmarks/descriptor_throughput.py``), the first convolution made one it can transform too
+(``converted``). MNN's wheel carries AVX2 kernels and no AVX-512 ones, while onnxruntime has AVX-512 kernels, which
+ran the network at 2.9 ms a face on an Intel Xeon (Sapphire Rapids class). AMD's Zen 4 runs AVX-512 as two 256-bit
+halves: on one core of a Zen 4 EPYC with AVX-512, MNN took 2.8 against onnxruntime's 4.8 ms a face in batches of
+16. So ``auto`` takes MNN on x86-64 CPUs without AVX-512 and on Zen 4 (``cpu``), onnxruntime elsewhere. A single
+chip stays on onnxruntime (8.7 against 9.6 ms there: the transforms pay over a batch), and so do a process's first
+few batches (``MNNNetwork.takes``). Where a stream of small batches (a server's) starts it and the process has a
+core to spare, MNN starts in a thread of its own while onnxruntime goes on: no request waits for it.
 ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn`` or ``onnxruntime``.
 
 The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .chips import CHIP_SIZE
-from .cpu import x86_without_avx512
+from .cpu import avx512_in_halves, x86_without_avx512
 from .graph_edit import stem_over_space_to_depth
 from .io import UserError, atomic_path, cache_dir, glibc, remove_stale_temporaries, used_cache_entry
 
@@ -73,7 +74,7 @@ def chosen_runtime() -> str:
     if name not in RUNTIMES:
         raise UserError(f"{RUNTIME_ENV}={name}: must be one of {', '.join(RUNTIMES)}")
     if name == "auto":
-        name = "mnn" if x86_without_avx512() else "onnxruntime"
+        name = "mnn" if x86_without_avx512() or avx512_in_halves() else "onnxruntime"
     return name
 
 
