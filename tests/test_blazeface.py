@@ -274,8 +274,9 @@ def test_anchors_follow_the_input_size():
 @pytest.mark.needs_train
 @pytest.mark.parametrize("network", sorted(blazeface.NETWORKS))
 def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks(network):
-    """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout, and
-    declares the maps' sizes so that it fuses every residual Add into its convolution."""
+    """tools/blazeface_to_onnx.py widens them so that onnxruntime keeps its blocked layout throughout, splits the
+    shortcuts that widening made identity convolutions, and declares the maps' sizes so that it fuses every
+    residual Add into its convolution."""
     onnx = pytest.importorskip("onnx", reason="reading the graph needs onnx (the train extra)")
     from onnx import numpy_helper
 
@@ -287,11 +288,17 @@ def test_the_shipped_networks_keep_their_inner_layers_in_whole_16_channel_blocks
     assert len(inner) > 30 and len(convs) - len(inner) in (2, 4)  # the score and box outputs per anchor grid
     assert all(kernels[n.input[1]][0] % 16 == 0 for n in inner), "an inner layer's width is not a whole block"
     assert not any(n.op_type == "Pad" for n in graph.node)  # the shortcuts' channel pads are gone
+    assert _identity_widenings(graph.SerializeToString()) == 0  # and so are the identity convolutions
+    # each block that widened its shortcut now joins two parts, each of whole blocks, with their sizes declared
+    relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
+    joins = [n for n in graph.node if n.op_type == "Concat" and set(n.input) <= relus]
+    assert len(joins) == {"short": 4, "full": 8}[network]
     # every map's size is declared as a fraction of the input's, the same for both sides of each residual Add
     declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
     adds = [n for n in graph.node if n.op_type == "Add"]
     assert adds and all(declared.get(a) is not None and declared.get(a) == declared.get(b) for a, b in (n.input for n in adds))
     assert declared.get(convs[0].output[0], [])[2:] == ["height/2", "width/2"]
+    assert all(declared[x][1] % 16 == 0 and declared[x][2:] == declared[n.output[0]][2:] for n in joins for x in n.input)
 
 
 @pytest.mark.needs_train
@@ -364,18 +371,20 @@ def _identity_widenings(data: bytes) -> int:
     return count
 
 
-@pytest.mark.parametrize("narrow", [True, False])
-def test_the_short_range_graph_with_its_shortcuts_split_computes_what_the_shipped_one_does(narrow):
-    """graph_edit.split_shortcuts writes each residual block whose shortcut an identity convolution widens as
-    two convolutions and a concatenation: no identity convolution is left, and on real faces, at inputs of
-    several sizes and aspects, the outputs are the shipped graph's up to float rounding."""
+def test_the_short_range_graph_narrowed_and_split_computes_what_the_shipped_one_does():
+    """The shipped graphs come with their widened shortcuts split (tools/blazeface_to_onnx.py); narrowing the
+    short-range one to 8-channel blocks widens one shortcut again, 24 to 32 channels, by an identity convolution.
+    graph_edit.split_shortcuts writes that block as two convolutions and a concatenation: no identity convolution
+    is left, and on real faces, at inputs of several sizes and aspects, the outputs are the shipped graph's up to
+    float rounding."""
     path = blazeface.WEIGHTS / blazeface.NETWORKS["short"].file
-    source = graph_edit.narrowed(path) if narrow else path.read_bytes()
-    assert _identity_widenings(source) >= 4  # the shipped graph's four (tools/blazeface_to_onnx.py), narrowed's five
+    source = graph_edit.narrowed(path)
+    assert _identity_widenings(path.read_bytes()) == 0 and _identity_widenings(source) == 1
+    assert graph_edit.split_shortcuts(path.read_bytes(), block=16) is None  # nothing left to split
     split = graph_edit.split_shortcuts(source)
     assert split is not None and _identity_widenings(split) == 0
-    assert graph_edit.split_shortcuts(split) is None  # nothing left to split
-    assert graph_edit.split_shortcuts(source, block=64) is None  # no block's widths are whole blocks of 64
+    assert graph_edit.split_shortcuts(split) is None
+    assert graph_edit.split_shortcuts(source, block=16) is None  # 24 channels are no whole block of 16
     assert graph_edit.split_shortcuts(b"not a graph") is None
     _same_outputs_on_faces(path, split)
 
@@ -386,7 +395,7 @@ def test_the_shipped_8_float_graph_is_the_short_range_one_narrowed_and_split():
     spec = blazeface.NETWORKS["short"]
     path, narrow = blazeface.WEIGHTS / spec.file, blazeface.WEIGHTS / spec.narrow_file
     data = narrow.read_bytes()
-    assert _identity_widenings(path.read_bytes()) == 4 and _identity_widenings(data) == 0
+    assert _identity_widenings(data) == 0
     graph = graph_edit._messages()["ModelProto"].FromString(data).graph
     assert [list(t.dims) for t in graph.initializer if t.name == graph.node[0].input[1]] == [[24, 3, 5, 5]]
     _same_outputs_on_faces(path, narrow)

@@ -86,13 +86,16 @@ SIZED_AFTER = 2
 SIZED_SESSIONS = 2
 # the sizes counted towards SIZED_AFTER: forgotten when they are this many
 SIZES_COUNTED = 256
-# The shipped graphs carry multiples of 16 channels, onnxruntime's block with AVX-512 (tools/blazeface_to_onnx.py).
-# Where a vector holds 8 floats (AVX2), the short-range graph's widening of its first layers, 24 channels to 32
-# at half the input's size, costs more than it saves: every session there runs ``narrow_file``, the graph
-# narrowed back (graph_edit.narrowed; a 384 x 288 pass 8.5 -> 8.0 ms on one core of an AVX2-only AMD EPYC) and
-# its residual blocks' widened shortcuts split (graph_edit.split_shortcuts: no identity convolutions, an eighth of
-# the pass's multiply-adds; 384 x 288 8.2 -> 7.2 ms, 128 x 96 0.94 -> 0.83, the same CPU). The same outputs within
-# 4e-5. It ships made (tools/blazeface_to_onnx.py): made at run time, the edits and protobuf's import took 37 ms.
+# The shipped graphs carry multiples of 16 channels, onnxruntime's block with AVX-512, and where that widened a
+# residual block's shortcut (an identity convolution appending zero channels), the block is split instead
+# (graph_edit.split_shortcuts: two convolutions and a concatenation, the identity's multiply-adds gone; one core of
+# an AMD EPYC with AVX-512: a 384 x 288 pass 6.2 -> 5.5 ms, 128 x 96 0.74 -> 0.68, the full-range network's
+# 192 x 192 3.5 -> 2.9): tools/blazeface_to_onnx.py. Where a vector holds 8 floats (AVX2), the short-range graph's
+# widening of its first layers, 24 channels to 32 at half the input's size, costs more than it saves: every session
+# there runs ``narrow_file``, the graph narrowed back (graph_edit.narrowed; a 384 x 288 pass 8.5 -> 8.0 ms on one
+# core of an AVX2-only AMD EPYC), the shortcut that narrowing widens split too (with the others split: 384 x 288
+# 8.2 -> 7.2 ms, 128 x 96 0.94 -> 0.83, the same CPU). The same outputs within 5e-5. It ships made
+# (tools/blazeface_to_onnx.py): made at run time, the edits and protobuf's import took 37 ms.
 NARROW_WHERE = x86_without_avx512
 # The input tensor of a pass is written into memory its thread keeps, up to this many bytes (a 384 x 288 pass
 # takes 1.3 MB): freshly allocated each time, it came from the system page by page, and filling it took twice

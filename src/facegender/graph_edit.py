@@ -52,7 +52,11 @@ def _messages():
     message("NodeProto", ("input", 1, f.TYPE_STRING, many, ""), ("output", 2, f.TYPE_STRING, many, ""),
             ("name", 3, f.TYPE_STRING, one, ""), ("op_type", 4, f.TYPE_STRING, one, ""),
             ("attribute", 5, f.TYPE_MESSAGE, many, "AttributeProto"))
-    message("ValueInfoProto", ("name", 1, f.TYPE_STRING, one, ""))
+    message("Dimension", ("dim_value", 1, f.TYPE_INT64, one, ""), ("dim_param", 2, f.TYPE_STRING, one, ""))
+    message("TensorShapeProto", ("dim", 1, f.TYPE_MESSAGE, many, "Dimension"))
+    message("TensorTypeProto", ("elem_type", 1, f.TYPE_INT32, one, ""), ("shape", 2, f.TYPE_MESSAGE, one, "TensorShapeProto"))
+    message("TypeProto", ("tensor_type", 1, f.TYPE_MESSAGE, one, "TensorTypeProto"))
+    message("ValueInfoProto", ("name", 1, f.TYPE_STRING, one, ""), ("type", 2, f.TYPE_MESSAGE, one, "TypeProto"))
     message("GraphProto", ("node", 1, f.TYPE_MESSAGE, many, "NodeProto"),
             ("initializer", 5, f.TYPE_MESSAGE, many, "TensorProto"),
             ("output", 12, f.TYPE_MESSAGE, many, "ValueInfoProto"),
@@ -308,6 +312,7 @@ def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
         for x in n.input:
             readers[x] = readers.get(x, 0) + 1
     relu_of = {n.input[0]: n for n in nodes if n.op_type == "Relu"}
+    declared = {v.name: v for v in graph.value_info}
     Node = messages["NodeProto"]
     rewritten: dict[str, list] = {}  # a Relu's output -> the nodes that now make it
     gone: set[str] = set()  # outputs of the nodes removed
@@ -346,6 +351,17 @@ def split_shortcuts(data: bytes, block: int = NARROW_BLOCK) -> bytes | None:
                       op_type="Concat")
         concat.attribute.add(name="axis", i=1, type=_INT)
         rewritten[relu.output[0]] = [kept, summed, relus[0], added, relus[1], concat]
+        # the parts' maps declared as the block's, less the other part's channels: where the block's sizes were
+        # declared, onnxruntime can still tell that a part and the shortcut it is summed with are the same size
+        shape = declared.get(name)
+        if shape is not None and len(shape.type.tensor_type.shape.dim) == 4:
+            for tensor, channels in ((f"{name}_kept", width), (f"{name}_kept_sum", width), (f"{name}_kept_sum_relu", width),
+                                     (f"{name}_added", wide - width), (f"{name}_added_relu", wide - width)):
+                info = graph.value_info.add()
+                info.CopyFrom(shape)
+                info.name = tensor
+                info.type.tensor_type.shape.dim[1].Clear()
+                info.type.tensor_type.shape.dim[1].dim_value = channels
         gone |= {add.output[0], conv.output[0], widening.output[0]}
     if not rewritten:
         return None
