@@ -243,11 +243,11 @@ def symbolic_shapes(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def split_shortcuts(path: Path) -> None:
-    """Each residual block whose shortcut ``channels_in_blocks`` widened by an identity convolution written as two
+def split_widened_shortcuts(path: Path) -> None:
+    """Each residual block whose shortcut ``channels_in_blocks`` widened by an identity convolution rewritten as two
     convolutions and a concatenation (facegender.graph_edit.split_shortcuts): the identity's multiply-adds, an
-    eighth of the short-range network's, are gone (a 384x288 pass 6.5 -> 5.6 ms, the full-range network's 192x192
-    3.6 -> 2.9 ms: one core of an AMD EPYC with AVX-512)."""
+    eighth of the short-range network's, are gone (a 384x288 pass 6.2 -> 5.5 ms, the full-range network's 192x192
+    3.5 -> 2.9 ms: one core of an AMD EPYC with AVX-512, as facegender.blazeface says)."""
     from facegender.graph_edit import split_shortcuts
 
     split = split_shortcuts(path.read_bytes(), CHANNEL_BLOCK)
@@ -322,7 +322,7 @@ def main() -> None:
             any_size(out)
             channels_in_blocks(out)
             symbolic_shapes(out)
-            split_shortcuts(out)
+            split_widened_shortcuts(out)
             check(tflite, out, faces)
             write(out.read_bytes(), WEIGHTS / out.name)
     narrow_variant()
