@@ -204,6 +204,7 @@ def _batch_norm_rank(rank: int, port: int, results: Path) -> None:
     (out ** 2).mean().backward()
     torch.save({"out": out.detach(), "dx": share.grad, "grads": {n: p.grad for n, p in model.named_parameters()},
                 "buffers": dict(model.named_buffers())}, results / f"rank{rank}.pt")
+    dist.barrier()  # as distributed.train does: no rank tears the group down while its peer still uses it
     dist.destroy_process_group()
 
 

@@ -259,6 +259,9 @@ def train(config, data: list[str], out: str, resume: bool = False) -> int:
         log(f"torchrun: world size {comm.world_size}, backend {dist.get_backend()}, "
             f"{comm.device.type}; rank 0 writes {out}", flush=True)
         single.train(config, data, out, resume=resume, log=log, comm=comm)
+        # every rank done with the group before any tears it down: a rank whose peer had already closed its
+        # connections could die in gloo's teardown (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
         return 0
     except UserError as e:
