@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from refits import header, refit_rows
 
 from facegender.data import load_samples_many
 from facegender.descriptors import _chip_of, cached_descriptors
@@ -53,50 +54,17 @@ def cpu_ms_per_face(network: DescriptorGraph, chips: np.ndarray, batch: int, sec
     return (time.process_time() - cpu) * 1000 / n
 
 
-SEEDS = 5  # MLPs averaged by the second recipe
-
-
 def refits(graphs: dict[str, DescriptorGraph], data: list[str], clf: Classifier) -> None:
     """Accuracy of heads refitted on each graph's descriptors (see the module's docstring), per corpus."""
-    from facegender.heads import (  # PyTorch and scikit-learn
-        fit_logistic,
-        fit_mlp,
-        kept_head,
-    )
-
-    quiet = lambda *_: None
     splits = {name: load_samples_many(data, name) for name in ("train", "val", "test")}
-
-    def fitted(x, y, x_val, y_val) -> dict:
-        mlps = [fit_mlp(x, y, x_val, y_val, seed, log=quiet) for seed in range(SEEDS)]
-        rule, _ = kept_head(fit_logistic(x, y, x_val, y_val, quiet), mlps[0], x_val, y_val)
-        return {"train's rule": rule.logits,
-                f"mean of {SEEDS} MLPs": lambda x: np.mean([m.logits(x) for m in mlps], axis=0)}
-
-    corpora = sorted({s.source for s in splits["test"]})
-    print(f"\nheads refitted on each graph's descriptors: accuracy per corpus ({', '.join(corpora)}); validation "
-          "chooses, test and leave-one-corpus-out report")
-    print(f"{'':52s} {'validation':>22s}   {'test':>22s}   {'leave-one-corpus-out':>22s}")
+    header(sorted({s.source for s in splits["test"]}))
     for name, graph in graphs.items():
         got = {}
         for split, samples in splits.items():
             d = cached_descriptors(samples, extractor=graph, progress=False)
             got[split] = (d.vectors[d.good], np.array([samples[i].label for i in d.good]),
                           np.array([samples[i].source for i in d.good]))
-        (x, y, _), (xv, yv, _) = got["train"], got["val"]
-        per = lambda z, y, src: " ".join(f"{100 * ((z[src == c] > 0) == y[src == c]).mean():6.2f}" for c in corpora)
-        folds = {}
-        for held in corpora:
-            t, v = got["train"][2] != held, got["val"][2] != held
-            heads = fitted(x[t], y[t], xv[v], yv[v])
-            out = [np.concatenate([a[i][a[2] == held] for a in got.values()]) for i in (0, 1)]
-            for recipe, logits in heads.items():
-                folds.setdefault(recipe, []).append(100 * ((logits(out[0]) > 0) == out[1]).mean())
-        rows = {"bundled head": clf.model.head.logits, **fitted(x, y, xv, yv)}
-        for recipe, logits in rows.items():
-            loco = " ".join(f"{a:6.2f}" for a in folds[recipe]) if recipe in folds else ""
-            print(f"{name + ', ' + recipe:52s} {per(logits(got['val'][0]), *got['val'][1:]):>22s}   "
-                  f"{per(logits(got['test'][0]), *got['test'][1:]):>22s}   {loco:>22s}", flush=True)
+        refit_rows(name, got, clf.model.head.logits)
 
 
 def main() -> None:

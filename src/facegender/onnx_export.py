@@ -242,19 +242,20 @@ class _Network(nn.Module):
         return self.net(chips)
 
 
-def descriptor_network_graph(blocked: bool = True) -> bytes:
+def descriptor_network_graph(blocked: bool = True, size: int = CHIP_SIZE) -> bytes:
     """dlib's face-recognition network alone, chips -> ``descriptor``, float32: the graph that the package
     ships (``onnx_model.DESCRIPTOR_NETWORK``) and that every descriptor head runs on in the core.
-    ``blocked=False``: as the exporter writes it, without ``in_channel_blocks`` (to compare)."""
+    ``blocked=False``: as the exporter writes it, without ``in_channel_blocks`` (to compare); ``size``: the
+    chips' side it takes (the network was trained on 150; others are for studies, benchmarks/chip_size.py)."""
     import onnx
 
     net = DescriptorNet.from_dat(device="cpu", precision="fp32")
-    example = torch.zeros(2, CHIP_SIZE, CHIP_SIZE, 3, dtype=torch.uint8)
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     proto = _export(_Network(net), example, ["chips"], ["descriptor"])
     proto = in_channel_blocks(proto) if blocked else proto
     proto.producer_name = "facegender"
-    proto.doc_string = (f"dlib's face-recognition network ({MODEL_FILE}): chips, uint8 N x {CHIP_SIZE} x {CHIP_SIZE} x 3 "
-                        f"RGB (dlib.get_face_chip, size {CHIP_SIZE}, padding {CHIP_PADDING}) -> descriptor, N x 128")
+    proto.doc_string = (f"dlib's face-recognition network ({MODEL_FILE}): chips, uint8 N x {size} x {size} x 3 "
+                        f"RGB (dlib.get_face_chip, size {size}, padding {CHIP_PADDING}) -> descriptor, N x 128")
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
