@@ -81,7 +81,12 @@ def cmd_train(args) -> int:
     if args.members:
         raise UserError("--members is for --kind ensemble")
     if distributed.launched():  # one rank of a torchrun job: the same run, its batches shared out
-        return distributed.train(config, args.data, args.out, resume=args.resume)
+        def as_rank(comm, log) -> None:
+            if config is not None and comm.device.type == "cuda":
+                config.device = str(comm.device)
+            train(config, args.data, args.out, resume=args.resume, log=log, comm=comm)
+
+        return distributed.train(as_rank, args.out)
     train(config, args.data, args.out, resume=args.resume)
     return 0
 

@@ -36,6 +36,7 @@ import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -242,23 +243,21 @@ def start() -> Comm:
     return Comm(rank, world_size, local_rank, device)
 
 
-def train(config, data: list[str], out: str, resume: bool = False) -> int:
-    """One rank of ``facegender train`` under torchrun; returns the exit status."""
-    from . import train as single
-
+def train(work: Callable[[Comm, Callable[..., None]], None], out: str) -> int:
+    """One rank of ``facegender train`` under torchrun: ``work(comm, log)`` runs the single-process loop
+    (``facegender.train.train``, which imports this module: the caller hands it in) as this rank, into run
+    directory ``out``; returns the exit status."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     main = rank == 0
     previous = {s: signal.signal(s, _signals) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         comm = start()
-        if config is not None and comm.device.type == "cuda":
-            config.device = str(comm.device)
         if not main:  # one voice: rank 0 prints the progress, the warnings and the report
             warnings.simplefilter("ignore")
         log = print if main else (lambda *_, **__: None)
         log(f"torchrun: world size {comm.world_size}, backend {dist.get_backend()}, "
             f"{comm.device.type}; rank 0 writes {out}", flush=True)
-        single.train(config, data, out, resume=resume, log=log, comm=comm)
+        work(comm, log)
         # every rank done with the group before any tears it down: a rank whose peer had already closed its
         # connections could die in gloo's teardown (SIGABRT, "terminate called without an active exception")
         dist.barrier()
