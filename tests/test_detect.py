@@ -1,13 +1,14 @@
 """Face detection on real faces (from ../shared/data) and the canonical crop's geometry."""
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from facegender.detect import EYE_LINE, Face, FaceDetector, canonical_box, detect_faces
+from facegender.detect import EYE_LINE, Face, FaceDetector, _distinct, canonical_box, detect_faces
 from facegender.io import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -57,6 +58,40 @@ def test_every_face_of_a_group_is_found_where_it_was_pasted(detector):
     assert all(sum(centre_inside(f, p) for f in faces) == 1 for p in places)
     areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
     assert areas == sorted(areas, reverse=True)
+
+
+def tilted_groups(picks: set[int], degrees: tuple[int, ...]) -> list[Image.Image]:
+    """Three SCUT-FBP5500 portraits of 150-190 px on a grey 640x480 canvas (portraits drawn with seed 1, the
+    ``picks``-th canvases of that draw), turned by each of ``degrees``."""
+    if not SCUT.is_dir():
+        pytest.skip(f"real data not available: {SCUT} is absent (the corpora live in ../shared/data)")
+    paths, rng, out = sorted(SCUT.glob("*.jpg")), random.Random(1), []
+    for i in range(max(picks) + 1):
+        places = [(x, side, rng.choice(paths), rng.randint(20, 480 - side - 20)) for x, side in ((20, 150), (230, 190), (450, 170))]
+        if i in picks:
+            canvas = Image.new("RGB", (640, 480), (128, 128, 128))
+            for x, side, path, y in places:
+                canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
+            out += [canvas.rotate(d, Image.BILINEAR, expand=True, fillcolor=(128, 128, 128)) for d in degrees]
+    return out
+
+
+def test_a_tilted_group_frames_each_face_once(detector):
+    # In these, before _distinct, the 128 px pass boxed one face with the portrait around it and the larger pass
+    # boxed it tightly: four faces, one of them twice
+    for image in tilted_groups({21, 43, 53}, (30, -30, 45, -45)):
+        faces = detector.detect(image)
+        assert len(faces) == 3, [(tuple(round(v) for v in f.box), round(f.score, 2)) for f in faces]
+
+
+def test_a_face_framed_twice_keeps_its_likelier_frame():
+    face = lambda box, score: Face(box, score)
+    tight, loose = face((100, 100, 200, 200), 0.9), face((70, 60, 250, 240), 0.7)  # loose holds all of tight
+    shifted = face((110, 105, 210, 205), 0.8)  # IoU 0.74 with tight
+    beside = face((180, 100, 280, 200), 0.95)  # another face, overlapping tight by IoU 0.11
+    assert _distinct([loose, tight, shifted, beside]) == [beside, tight]
+    assert _distinct([face((0, 0, 10, 10), 0.5), face((20, 0, 30, 10), 0.6)]) == [face((20, 0, 30, 10), 0.6),
+                                                                                   face((0, 0, 10, 10), 0.5)]
 
 
 def test_a_large_photo_reports_boxes_in_its_own_pixels(detector):
