@@ -12,7 +12,9 @@ knows where its faces are:
 - profile-leaning faces: the UTKFace chips whose nose sits furthest from the middle of the eyes, as dlib's
   5-point model places them in a fixed box (the chips are aligned: no detector chooses the set), padded by
   25% on every side like HOG's own retry; a box centred anywhere on the chip finds its face;
-- composites: 2-8 faces (UTKFace, CelebA aligned, SCUT) of 32-200 px on a 640x480 background like above.
+- composites: 2-8 faces (UTKFace, CelebA aligned, SCUT) of 32-200 px on a 640x480 background like above;
+- groups in small photos: 2-4 such faces of 40-64 px (the default smallest face and up) on a 240x160
+  background, as in a group photo's thumbnail.
 
 A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
 and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
@@ -141,11 +143,11 @@ def background(path: Path, rng: random.Random, size=(640, 480), tile: int = 40) 
 
 
 def pasted(faces: list[Path], backgrounds: list[Path], count: int, sizes: tuple[int, int],
-           rng: random.Random, per_image: tuple[int, int] = (1, 1)) -> list[Case]:
-    """Faces of ``sizes`` px pasted where they do not overlap onto shuffled backgrounds."""
+           rng: random.Random, per_image: tuple[int, int] = (1, 1), size=(640, 480), tile: int = 40) -> list[Case]:
+    """Faces of ``sizes`` px pasted where they do not overlap onto shuffled backgrounds of ``size``."""
     cases = []
     for _ in range(count):
-        canvas = background(rng.choice(backgrounds), rng)
+        canvas = background(rng.choice(backgrounds), rng, size, tile)
         placed: list[Box] = []
         for _ in range(rng.randint(*per_image)):
             side = rng.randint(*sizes)
@@ -203,6 +205,9 @@ def build_sets(n: int) -> dict[str, list[Case]]:
         pool = rng.sample(sorted((SHARED / "utkface").glob("*.jpg")), min(10 * n, 23707))
         sets["profile-leaning utkface"] = profile_leaning(pool, n)
     sets["composites 2-8 faces"] = pasted(upright, backgrounds, max(1, n // 4), (32, 200), rng, per_image=(2, 8))
+    # a group photo's thumbnail: in a photo under 400 px no larger pass runs, so the first finds every face
+    sets["groups in 240x160"] = pasted(upright, backgrounds, max(1, n // 2), (40, 64), rng, per_image=(2, 4),
+                                       size=(240, 160), tile=16)  # tiles of the photo's eyes or lips would be faces there
     return sets
 
 

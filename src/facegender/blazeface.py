@@ -175,6 +175,28 @@ class BlazeFace:
         return decode(raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k,
                       self.min_score if min_score is None else min_score)
 
+    def detect_doubting(self, image: Image.Image, doubtful: float) -> tuple[list[Detection], list[Detection]]:
+        """``detect(image)``'s faces, and apart from them what scores from ``doubtful`` up to this detector's
+        threshold (suppressed among themselves) and overlaps none of them by more than NMS_IOU: candidates for a
+        second look. One run; the first list is exactly ``detect``'s."""
+        tensor, k = letterbox(image, self.spec.side, reuse=True)
+        raw_boxes, raw_scores = self.session(tensor.shape[2:]).run(None, {"input": tensor})
+        centres = anchors(self.network, *tensor.shape[2:])
+        logits = raw_scores[0, :, 0]
+        sure = decode(raw_boxes[0], logits, centres, k, self.min_score)
+        if doubtful >= self.min_score:
+            return sure, []
+        # the anchors under the threshold, less those on a face already found (most of them, in a portrait),
+        # suppressed among themselves
+        band = (logits > np.log(doubtful / (1 - doubtful))) & (logits <= np.log(self.min_score / (1 - self.min_score)))
+        if not band.any():
+            return sure, []
+        boxes, points, scores = candidates(raw_boxes[0][band], logits[band], centres[band], k, doubtful)
+        apart = np.ones(len(scores), bool)
+        for d in sure:
+            apart &= iou(np.array(d.box), boxes) <= NMS_IOU
+        return sure, weighted_nms(boxes[apart], points[apart], scores[apart]) if apart.any() else []
+
     def second_look(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
         """Each detection's score when the network sees it larger: a square ``window`` times the detection's
         longer side, centred on it and cut from ``image`` (black beyond its edges), resized to ``side`` px (a
@@ -270,9 +292,14 @@ def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarray, k
            min_score: float) -> list[Detection]:
     """Detections (image pixels: input pixels / ``k``) from one input's outputs: N x 16 regressions (box
     centre offset, width, height, then six keypoint offsets, in input pixels) and N score logits."""
+    return weighted_nms(*candidates(raw_boxes, raw_scores, centres, k, min_score))
+
+
+def candidates(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarray, k: float,
+               min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``decode``'s boxes (M x 4), keypoints (M x 6 x 2) and scores (M) of the anchors scoring over
+    ``min_score``, before suppression."""
     keep = raw_scores > np.log(min_score / (1 - min_score))  # the sigmoid's threshold, as a logit
-    if not keep.any():
-        return []
     raw, centres = raw_boxes[keep], centres[keep]
     scores = 1 / (1 + np.exp(-np.clip(raw_scores[keep], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
     cx, cy = centres[:, 0] + raw[:, 0], centres[:, 1] + raw[:, 1]
@@ -280,7 +307,7 @@ def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarray, k
     boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
     points = raw[:, 4:].reshape(-1, 6, 2) + centres[:, None, :]
     valid = (half_w > 0) & (half_h > 0)
-    return weighted_nms(boxes[valid] / k, points[valid] / k, scores[valid])
+    return boxes[valid] / k, points[valid] / k, scores[valid]
 
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

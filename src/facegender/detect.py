@@ -77,6 +77,10 @@ LARGER_PASS_MIN_SCORE = 0.7
 # photo; 0.017 on the empty backgrounds; none on the real photos), for 0.27 windows a photo, one run for all. From
 # 0.4: 95.6% and 97.3% for 0.80 windows. A 128 px window: 96.8% of all, for half as much again a window. A 352 px
 # pass with the second look: 88.2% and 93.8%.
+# In a photo under UPSAMPLE_BELOW px no larger pass follows the first, and there the first pass scored faces of
+# 40-64 px (24-34 px at its input) 0.4-0.64 in groups: what it scores from DOUBTFUL_SCORE to its own 0.65 gets the
+# same second look (benchmarks/detectors.py, 2-4 such faces in 240x160 photos: 59.9% -> 71.2% found, false boxes
+# 0.01 a photo either way; photos of one face took it for 1 in 300 250 px photos and 20 in 300 UTKFace chips).
 DOUBTFUL_SCORE = MIN_SCORE
 SECOND_LOOK_WINDOW = 2.2
 SECOND_LOOK_SIDE = 96
@@ -304,13 +308,19 @@ class FaceDetector:
             # a box filter: 0.6 ms less than the bilinear one on a 640x480 photo, and it found more small faces
             # (benchmarks/detectors.py --images 800: 32-47 px 82.5% against 81.8, composites 91.5 against 90.5)
             base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BOX)
-        found = [[(_scaled_detection(d, k), "short") for d in short.detect(base)]]
+        if self.min_score is None and small:  # no larger pass follows: what the first doubts gets a second look
+            sure, doubted = short.detect_doubting(base, DOUBTFUL_SCORE)  # read at its own size: k is 1
+            # only beside a face it is sure of: a photo where it finds none takes the other networks' look below
+            first = sure + (_second_looked(short, rgb, [doubted], NETWORKS["short"].min_score)[0] if sure else [])
+        else:
+            first = [_scaled_detection(d, k) for d in short.detect(base)]
+        found = [[(d, "short") for d in first]]
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
         if not (small and found[0]):
             score = DOUBTFUL_SCORE if self.min_score is None else self.min_score
             larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score)] for side in sides[1:]]
             if self.min_score is None:
-                larger = _second_looked(short, rgb, larger)
+                larger = _second_looked(short, rgb, larger, LARGER_PASS_MIN_SCORE)
                 largest = max((_side(d) for one in [[d for d, _ in found[0]], *larger] for d in one), default=0.0)
                 larger = [[d for d in one if d.score >= BESIDE_LARGER_MIN_SCORE or BESIDE_LARGER_RATIO * _side(d) >= largest]
                           for one in larger]
@@ -376,16 +386,17 @@ def _tile_starts(n: int) -> list[int]:
     return [*range(0, n - TILE_SIDE, TILE_SIDE - TILE_OVERLAP), n - TILE_SIDE]
 
 
-def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]]) -> list[list[Detection]]:
-    """The larger passes' detections with those scoring under LARGER_PASS_MIN_SCORE kept only where a second
-    look (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
-    doubtful = [d for one in passes for d in one if d.score < LARGER_PASS_MIN_SCORE]
+def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]], sure: float
+                   ) -> list[list[Detection]]:
+    """The passes' detections with those scoring under ``sure`` kept only where a second look
+    (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
+    doubtful = [d for one in passes for d in one if d.score < sure]
     looks = iter(network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE))  # in doubtful's order
     kept = []
     for one in passes:
         kept.append([])
         for d in one:
-            if d.score < LARGER_PASS_MIN_SCORE:
+            if d.score < sure:
                 d = dataclasses.replace(d, score=next(looks))
                 if d.score < SECOND_LOOK_MIN_SCORE:
                     continue
