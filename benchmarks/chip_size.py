@@ -4,7 +4,7 @@ The network takes a 150 x 150 chip (``chips.CHIP_SIZE``), but it is convolutiona
 so it runs on any side: at 136 px its maps shrink from 35 to 32 px at the first level and from 3 to 2 at
 the last, about three quarters of the work. For each ``--sizes`` side (the same framing, dlib's padding
 0.25, only fewer pixels), on the prepared corpora: the chips are cut by dlib's ``get_face_chip`` from each
-image at its stored landmarks, described by the network in PyTorch (float32; the same descriptors as the
+image at its stored landmarks (``chips.chip``), described by the network in PyTorch (float32; the same descriptors as the
 shipped graph's within 1e-5 at 150), and compared with the 150 px descriptors (cosine); then the bundled
 head and heads refitted on each side's own descriptors (``refits.py``) are scored on the validation,
 test and leave-one-corpus-out splits. Last, CPU milliseconds per face of the network exported at each side,
@@ -18,13 +18,11 @@ import argparse
 import statistics
 import time
 
-import dlib
 import numpy as np
 import torch
-from PIL import Image
 from refits import header, refit_rows
 
-from facegender.chips import CHIP_PADDING, CHIP_SIZE
+from facegender.chips import CHIP_SIZE, chip
 from facegender.data import load_samples_many
 from facegender.dlibnet import DescriptorNet
 from facegender.images import BadImage, open_rgb
@@ -46,15 +44,9 @@ def descriptors(net: DescriptorNet, samples: list, size: int) -> tuple[np.ndarra
 
     for i, s in enumerate(samples):
         try:
-            image = np.asarray(open_rgb(s.path))
+            chips.append(chip(open_rgb(s.path), s.landmarks, size))
         except BadImage:
             continue
-        if s.landmarks is None:  # no face found: the whole image, as chips.chip does
-            chips.append(np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR)))
-        else:
-            points = [dlib.point(round(s.landmarks[2 * k]), round(s.landmarks[2 * k + 1])) for k in range(5)]
-            record = dlib.full_object_detection(dlib.rectangle(0, 0, image.shape[1] - 1, image.shape[0] - 1), points)
-            chips.append(dlib.get_face_chip(image, record, size=size, padding=CHIP_PADDING))
         good.append(i)
         if len(chips) == BATCH:
             flush()

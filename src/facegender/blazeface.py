@@ -170,28 +170,29 @@ class BlazeFace:
         """Faces in ``image`` (RGB) scoring above ``min_score`` (default: this detector's), best first, with
         the image resized so that its longer side is ``side`` (default: the network's own) and letterboxed
         to multiples of 32."""
-        tensor, k = letterbox(image, side or self.spec.side, reuse=True)
+        return decode(*self._outputs(image, side or self.spec.side), self.min_score if min_score is None else min_score)
+
+    def _outputs(self, image: Image.Image, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """One run on ``image`` letterboxed at ``side``: its regressions, score logits and anchor centres, and
+        the input's pixels per image pixel (``decode``'s first four arguments)."""
+        tensor, k = letterbox(image, side, reuse=True)
         raw_boxes, raw_scores = self.session(tensor.shape[2:]).run(None, {"input": tensor})
-        return decode(raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k,
-                      self.min_score if min_score is None else min_score)
+        return raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k
 
     def detect_doubting(self, image: Image.Image, doubtful: float) -> tuple[list[Detection], list[Detection]]:
         """``detect(image)``'s faces, and apart from them what scores from ``doubtful`` up to this detector's
         threshold (suppressed among themselves) and overlaps none of them by more than NMS_IOU: candidates for a
         second look. One run; the first list is exactly ``detect``'s."""
-        tensor, k = letterbox(image, self.spec.side, reuse=True)
-        raw_boxes, raw_scores = self.session(tensor.shape[2:]).run(None, {"input": tensor})
-        centres = anchors(self.network, *tensor.shape[2:])
-        logits = raw_scores[0, :, 0]
-        sure = decode(raw_boxes[0], logits, centres, k, self.min_score)
+        raw_boxes, logits, centres, k = self._outputs(image, self.spec.side)
+        sure = decode(raw_boxes, logits, centres, k, self.min_score)
         if doubtful >= self.min_score:
             return sure, []
         # the anchors under the threshold, less those on a face already found (most of them, in a portrait),
         # suppressed among themselves
-        band = (logits > np.log(doubtful / (1 - doubtful))) & (logits <= np.log(self.min_score / (1 - self.min_score)))
+        band = (logits > logit(doubtful)) & (logits <= logit(self.min_score))
         if not band.any():
             return sure, []
-        boxes, points, scores = candidates(raw_boxes[0][band], logits[band], centres[band], k, doubtful)
+        boxes, points, scores = candidates(raw_boxes[band], logits[band], centres[band], k, doubtful)
         apart = np.ones(len(scores), bool)
         for d in sure:
             apart &= iou(np.array(d.box), boxes) <= NMS_IOU
@@ -299,7 +300,7 @@ def candidates(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarra
                min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``decode``'s boxes (M x 4), keypoints (M x 6 x 2) and scores (M) of the anchors scoring over
     ``min_score``, before suppression."""
-    keep = raw_scores > np.log(min_score / (1 - min_score))  # the sigmoid's threshold, as a logit
+    keep = raw_scores > logit(min_score)
     raw, centres = raw_boxes[keep], centres[keep]
     scores = 1 / (1 + np.exp(-np.clip(raw_scores[keep], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
     cx, cy = centres[:, 0] + raw[:, 0], centres[:, 1] + raw[:, 1]
@@ -308,6 +309,11 @@ def candidates(raw_boxes: np.ndarray, raw_scores: np.ndarray, centres: np.ndarra
     points = raw[:, 4:].reshape(-1, 6, 2) + centres[:, None, :]
     valid = (half_w > 0) & (half_h > 0)
     return boxes[valid] / k, points[valid] / k, scores[valid]
+
+
+def logit(p: float) -> float:
+    """The score logit at which the sigmoid gives ``p``: thresholds are compared before the sigmoid."""
+    return float(np.log(p / (1 - p)))
 
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

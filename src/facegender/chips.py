@@ -20,19 +20,20 @@ CHIP_PADDING = 0.25  # dlib's default for get_face_chip and compute_face_descrip
 DESCRIPTOR_SIZE = 128
 
 
-def chip(image: Image.Image | np.ndarray, landmarks: Sequence[float] | None) -> np.ndarray:
+def chip(image: Image.Image | np.ndarray, landmarks: Sequence[float] | None, size: int = CHIP_SIZE) -> np.ndarray:
     """The network's view of a face: 150x150 uint8 RGB, aligned by dlib from the 5 landmarks
-    (x0 y0 ... x4 y4 in image pixels); without landmarks, the whole image resized."""
+    (x0 y0 ... x4 y4 in image pixels); without landmarks, the whole image resized. ``size``: another side,
+    for studies of the network (benchmarks/chip_size.py); it was trained on 150."""
     if landmarks is None:
         image = image if isinstance(image, Image.Image) else Image.fromarray(image)
-        return np.asarray(image.convert("RGB").resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR))
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
     # one copy of the pixels (a photo's faces each cut their chip from it): no conversion where it is RGB already
     if isinstance(image, Image.Image):
         image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     # get_face_chip aligns by the 5 points alone; the record's box is required by its type, not used
     points = [(landmarks[2 * i], landmarks[2 * i + 1]) for i in range(5)]
     height, width = image.shape[:2]
-    return face_chips(image, [full_object_detection((0, 0, width, height), points)])[0]
+    return face_chips(image, [full_object_detection((0, 0, width, height), points)], size)[0]
 
 
 
@@ -49,7 +50,7 @@ def full_object_detection(box: Sequence[float], points: Sequence[Sequence[float]
                                       [dlib.point(int(round(x)), int(round(y))) for x, y in points])
 
 
-def face_chips(image: np.ndarray, detections: Sequence) -> np.ndarray:
+def face_chips(image: np.ndarray, detections: Sequence, size: int = CHIP_SIZE) -> np.ndarray:
     """N x 150 x 150 x 3 uint8 chips of the faces of an H x W x 3 uint8 RGB image, cut by dlib's own
     ``get_face_chip`` (size 150, padding 0.25): the framing dlib's descriptor was trained on."""
     try:
@@ -59,5 +60,5 @@ def face_chips(image: np.ndarray, detections: Sequence) -> np.ndarray:
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise UserError(f"face chips are cut from an H x W x 3 uint8 RGB image; got {image.shape} {image.dtype}")
-    chips = [dlib.get_face_chip(image, d, size=CHIP_SIZE, padding=CHIP_PADDING) for d in detections]
-    return np.stack(chips) if chips else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+    chips = [dlib.get_face_chip(image, d, size=size, padding=CHIP_PADDING) for d in detections]
+    return np.stack(chips) if chips else np.zeros((0, size, size, 3), np.uint8)

@@ -310,7 +310,7 @@ class FaceDetector:
             # (benchmarks/detectors.py --images 800: 32-47 px 82.5% against 81.8, composites 91.5 against 90.5)
             base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BOX)
         if self.min_score is None and small:  # no larger pass follows: what the first doubts gets a second look
-            sure, doubted = short.detect_doubting(base, DOUBTFUL_SCORE)  # read at its own size: k is 1
+            sure, doubted = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(base, DOUBTFUL_SCORE))
             # only beside a face it is sure of: a photo where it finds none takes the other networks' look below
             first = sure + (_second_looked(short, rgb, [doubted], NETWORKS["short"].min_score)[0] if sure else [])
         else:
