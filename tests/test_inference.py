@@ -93,3 +93,23 @@ def test_min_confidence_turns_weak_guesses_into_uncertain(tmp_path):
     cautious = Classifier(sure.model, META, detect=False, min_confidence=0.99)
     for a, b in zip(sure.predict(images), cautious.predict(images)):
         assert b.label == ("uncertain" if a.confidence < 0.99 else a.label) and b.p_male == a.p_male
+
+
+def test_annotate_enlarges_a_thumbnail_so_its_labels_fit(tmp_path):
+    """A 64x48 photo's label in the smallest legible type would be wider than the photo: it is drawn on a copy
+    enlarged by a whole factor, its box scaled with it."""
+    from facegender.inference import ANNOTATED_MIN_SIDE, Prediction
+
+    thumb = Image.new("RGB", (64, 48), (90, 90, 90))
+    face = Prediction("thumb.jpg", faces=1, face=1, box=(20.0, 14.0, 44.0, 38.0), label="female", confidence=0.97)
+    drawn = annotate(thumb, [face])
+    f = -(-ANNOTATED_MIN_SIDE // 64)
+    assert drawn.size == (64 * f, 48 * f) and f > 1
+    colour = np.array([230, 60, 140])
+    pixels = np.asarray(drawn).astype(int)
+    assert (np.abs(pixels[38 * f - 1, 30 * f] - colour) < 8).all()  # the box's lower edge, scaled
+    # the label's band (above the box, or below it at the top edge) lies within the drawn image
+    band = np.argwhere((np.abs(pixels - colour) < 8).all(axis=2))
+    assert band[:, 1].max() < drawn.width and band[:, 1].min() >= 20 * f - 1
+    # a photo of ANNOTATED_MIN_SIDE px and more is drawn on at its own size
+    assert annotate(thumb.resize((ANNOTATED_MIN_SIDE, 300)), []).size == (ANNOTATED_MIN_SIDE, 300)

@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face", type=float, metavar="PX", help=MIN_FACE_HELP)
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this confidence the label is 'uncertain' instead of a guess (default 0: always guess)")
-    p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here")
+    p.add_argument("--annotate", metavar="DIR", help="write a copy of each image with boxes and labels drawn here "
+                   "(one under 400 px enlarged, so that its labels fit)")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="label on Ray (pip install 'facegender[ray]'): local starts one here, auto joins this "
                         "machine's cluster, ray://HEAD:10001 a remote one; --output is then a folder of Parquet shards")

@@ -338,9 +338,19 @@ def model_path(model: str | Path | None) -> Path:
 LABEL_COLOURS = {"female": (230, 60, 140), "male": (40, 120, 230), "uncertain": (240, 180, 0)}
 
 
+# A smaller image is drawn on enlarged by a whole factor to at least this side: a label's smallest legible type
+# (12 px) is wider than a 64 px thumbnail, and wider than the faces in a 240 px group photo.
+ANNOTATED_MIN_SIDE = 400
+
+
 def annotate(image: Image.Image, predictions: list[Prediction]) -> Image.Image:
-    """A copy of ``image`` with each face's box and "label confidence" drawn on it."""
+    """A copy of ``image`` with each face's box and "label confidence" drawn on it; an image whose longer side
+    is under ANNOTATED_MIN_SIDE px is enlarged first, by the whole factor that takes it there."""
     out = image.convert("RGB")
+    f = -(-ANNOTATED_MIN_SIDE // max(out.size))
+    if f > 1:
+        out = out.resize((out.width * f, out.height * f), Image.LANCZOS)
+        predictions = [p if p.box is None else replace(p, box=tuple(v * f for v in p.box)) for p in predictions]
     draw = ImageDraw.Draw(out)
     line = max(2, round(max(out.size) / 300))
     font = ImageFont.load_default(size=max(12, round(max(out.size) / 40)))
