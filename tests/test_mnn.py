@@ -142,7 +142,7 @@ def test_mnn_starting_in_the_background_writes_nothing_on_stdout_and_loses_no_ro
 def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_runtime):
     descriptor_runtime("onnxruntime")
     assert mnn_runtime.chosen_runtime() == "onnxruntime"
-    assert mnn_runtime.mnn_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
+    assert mnn_runtime.fast_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
     descriptor_runtime("MNN")
     assert mnn_runtime.chosen_runtime() == "mnn"
     descriptor_runtime("auto")
@@ -152,8 +152,8 @@ def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_
     flags, zen_4 = info.get("flags", "").split(), info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
     expected = "mnn" if ("avx2" in flags and "avx512f" not in flags) or (zen_4 and "avx512f" in flags) else "onnxruntime"
     assert mnn_runtime.chosen_runtime() == expected
-    descriptor_runtime("openvino")
-    with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=openvino: must be one of auto, mnn, onnxruntime"):
+    descriptor_runtime("tensorrt")
+    with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=tensorrt: must be one of auto, mnn, onnxruntime, openvino"):
         mnn_runtime.chosen_runtime()
 
 
@@ -308,7 +308,7 @@ def test_a_bad_runtime_name_stops_predict_with_one_line(tmp_path):
                           text=True, env=env, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert f"{mnn_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime" in done.stderr
+    assert f"{mnn_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime, openvino" in done.stderr
 
 
 ZEN_4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx avx2 fma avx512f avx512bw\n"

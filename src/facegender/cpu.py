@@ -46,3 +46,8 @@ def avx512_in_halves() -> bool:
     halves, so AVX-512 code computes no more a cycle there than AVX2 code."""
     info = _cpuinfo()
     return info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == str(ZEN_4_FAMILY) and "avx512f" in _flags()
+
+
+def native_bf16() -> bool:
+    """An x86-64 CPU that computes bfloat16 dot products itself (AVX-512 BF16, or AMX's tiles), as Linux reports it."""
+    return bool({"avx512_bf16", "amx_bf16"} & _flags())

@@ -24,7 +24,7 @@ import numpy as np
 
 from .chips import DESCRIPTOR_SIZE
 from .io import UserError
-from .mnn_runtime import mnn_network, warn_fallback
+from .mnn_runtime import OpenVINONetwork, fast_network, warn_fallback
 
 META_KEY = "facegender"  # the metadata entry holding the checkpoint's metadata, as in safetensors headers
 INSTALL_HINT = "pip install facegender (it brings onnxruntime)"
@@ -124,12 +124,14 @@ class DescriptorGraph:
 
     Called on chips it is a descriptor extractor as ``descriptors.cached_descriptors`` calls one; ``name``
     keys the cached descriptors: an int8 graph's descriptors are not float32's. ``fast``: the same network on
-    MNN (``mnn_runtime``), which then runs the batches it ``takes``; its descriptors are float32's within 2e-5,
-    so they share the name."""
+    MNN or OpenVINO (``mnn_runtime``), which then runs the batches it ``takes``; MNN's descriptors are float32's
+    within 2e-5, so they share the name, OpenVINO's in bfloat16 are not."""
 
     def __init__(self, sess, key: str, fast=None):
         self.session = sess
         self.key, self.name = key, f"onnx-{key}"
+        if isinstance(fast, OpenVINONetwork) and fast.precision == "bf16":
+            self.name += "-bf16"  # its batches' descriptors are not float32's
         self.fast = fast
 
     def _batch(self, output: str, chips: np.ndarray) -> np.ndarray:
@@ -167,7 +169,7 @@ def descriptor_network(threads: int | None = None) -> DescriptorGraph:
     sess, key = session(data, threads, str(DESCRIPTOR_NETWORK)), _key(data)
     on_gpu = "CUDAExecutionProvider" in sess.get_providers()
     # with a core to spare, a server's stream of requests starts MNN beside them, not inside one
-    fast = None if on_gpu else mnn_network(DESCRIPTOR_NETWORK, key, background=default_threads() > 1)
+    fast = None if on_gpu else fast_network(DESCRIPTOR_NETWORK, key, background=default_threads() > 1)
     return DescriptorGraph(sess, key, fast)
 
 
