@@ -16,7 +16,8 @@ and prints as its last line
 ``photos: P photos/s single-face 250 px, Q photos/s multi-face 640x480, R x the peer per core``;
 ``--before CHECKOUT`` adds that checkout's ``predict`` (its own defaults) and the ratios to it;
 ``--rounds N`` runs it all N times over and reports medians, each ratio the median of the rounds' own
-(this machine's speed drifts by 10-20% over minutes: one round's ratios moved by up to 0.1).
+(this machine's speed drifts by 10-20% over minutes: one round's ratios moved by up to 0.1); ``--runtime openvino``
+adds the default detector with the descriptor network on that runtime, and its ratios to the default.
 """
 from __future__ import annotations
 
@@ -128,10 +129,11 @@ def peer_python() -> Path | None:
     return python
 
 
-def one_core(python: Path, script: str, *args: str, source: Path | None = None) -> tuple[float, int]:
+def one_core(python: Path, script: str, *args: str, source: Path | None = None,
+             env: dict[str, str] | None = None) -> tuple[float, int]:
     """(photos/s, rows or faces) of ``script`` run by ``python`` on core 0 alone (with ``source``: the
-    facegender of that checkout's ``src``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    facegender of that checkout's ``src``; ``env``: more environment variables)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if source is not None:
         env["PYTHONPATH"] = str(source / "src")
     cmd = (["taskset", "-c", "0"] if shutil.which("taskset") else []) + [str(python), "-c", script, *args]
@@ -140,11 +142,13 @@ def one_core(python: Path, script: str, *args: str, source: Path | None = None) 
     return float(rate), int(count)
 
 
-def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, rounds: int = 1) -> None:
+def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, rounds: int = 1,
+            runtimes: tuple[str, ...] = ()) -> None:
     """Ours (BlazeFace and HOG; and a checkout from ``before`` BlazeFace, with its own defaults) and the peer
     on the same photos, one core each, one after the other; ``rounds`` times over. With several rounds the
     rates are medians, and each ratio is the median of the rounds' own (the two rates it divides measured
-    minutes apart, not across the machine's drift over the whole run), with its range."""
+    minutes apart, not across the machine's drift over the whole run), with its range. ``runtimes``: BlazeFace
+    again with the descriptor network on each of these (FACEGENDER_DESCRIPTOR_RUNTIME), its ratios beside."""
     python = peer_python()
     runs: dict[tuple[str, str], list[float]] = {}
     for turn in range(1, rounds + 1):
@@ -159,13 +163,19 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
                 rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
                 runs.setdefault((name, detector), []).append(rate)
                 print(f"  {mark}one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
+            for runtime in runtimes:
+                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", "blazeface",
+                                      env={"FACEGENDER_DESCRIPTOR_RUNTIME": runtime})
+                runs.setdefault((name, f"blazeface on {runtime}"), []).append(rate)
+                print(f"  {mark}one core, facegender, network on {runtime:10s} {name:20s} {rate:6.1f} photos/s ({rows} rows)",
+                      flush=True)
             if python:
                 rate, faces = one_core(python, PEER_RUN, str(folder))
                 runs.setdefault((name, "peer"), []).append(rate)
                 print(f"  {mark}one core, {PEER:33s} {name:20s} {rate:6.1f} photos/s ({faces} faces)", flush=True)
 
-    def ratio(name: str, other: str, unit: str) -> str:
-        each = [a / b for a, b in zip(runs[name, "blazeface"], runs[name, other])]
+    def ratio(name: str, other: str, unit: str, ours: str = "blazeface") -> str:
+        each = [a / b for a, b in zip(runs[name, ours], runs[name, other])]
         spread = f" ({min(each):.2f}-{max(each):.2f})" if rounds > 1 else ""
         return f"{np.median(each):.2f}{unit}{spread}"
 
@@ -176,6 +186,10 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
     single, multi = (float(np.median(runs[name, "blazeface"])) for name in sets)
     if before is not None:
         print(f"against {before}: " + ", ".join(f"{name} {ratio(name, 'before', 'x')}" for name in sets))
+    for runtime in runtimes:
+        ours = f"blazeface on {runtime}"
+        print(f"the network on {runtime}: " + ", ".join(f"{name} {ratio(name, 'blazeface', 'x the default', ours)}" for name in sets)
+              + ("" if before is None else f"; against {before}: " + ", ".join(f"{name} {ratio(name, 'before', 'x', ours)}" for name in sets)))
     peer = ratio("single-face 250 px", "peer", " x the peer per core") if python else "peer not measured"
     print(f"photos: {single:.0f} photos/s single-face 250 px, {multi:.0f} photos/s multi-face 640x480, {peer}")
 
@@ -195,6 +209,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, metavar="CHECKOUT",
                         help="with --vs-peer: also time this checkout of facegender (e.g. `git archive 061abab`, the "
                              "last one before BlazeFace) on the same photos, with its defaults")
+    parser.add_argument("--runtime", action="append", default=[], choices=["mnn", "onnxruntime", "openvino"],
+                        help="with --vs-peer: also time the default detector with the descriptor network on this runtime "
+                             "(FACEGENDER_DESCRIPTOR_RUNTIME; repeatable)")
     args = parser.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
@@ -208,7 +225,7 @@ def main() -> None:
         single_face_photos(sets["single-face 250 px"], args.photos)
         multi_face_photos(sets["multi-face 640x480"], args.composites)
         if args.vs_peer:
-            vs_peer(sets, root, args.before, args.rounds)
+            vs_peer(sets, root, args.before, args.rounds, tuple(args.runtime))
             return
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         rates = {}
