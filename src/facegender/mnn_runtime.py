@@ -1,4 +1,4 @@
-"""dlib's descriptor network on MNN, where it runs faster than on onnxruntime.
+"""dlib's descriptor network on MNN, where it runs faster than on onnxruntime (or on OpenVINO, where asked for).
 
 The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's float32
 peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same result (descriptors
@@ -9,7 +9,7 @@ ran the network at 2.9 ms a face on an Intel Xeon (Sapphire Rapids class). AMD's
 halves: on one core of a Zen 4 EPYC with AVX-512, MNN took 2.8 against onnxruntime's 4.8 ms a face in batches of
 16. So ``auto`` takes MNN on x86-64 CPUs without AVX-512 and on Zen 4 (``cpu``), onnxruntime elsewhere. A single
 chip stays on onnxruntime (8.7 against 9.6 ms there: the transforms pay over a batch), and so do a process's first
-few batches (``MNNNetwork.takes``). Where a stream of small batches (a server's) starts it and the process has a
+few batches (``LateNetwork.takes``). Where a stream of small batches (a server's) starts it and the process has a
 core to spare, MNN starts in a thread of its own while onnxruntime goes on: no request waits for it.
 ``FACEGENDER_DESCRIPTOR_RUNTIME`` = ``auto`` (default), ``mnn``, ``onnxruntime`` or ``openvino``.
 
@@ -22,7 +22,8 @@ its answers are not float32's to the bit, and because it adds 180 MB to an insta
 
 The bundled graph is converted to MNN's format once, on first use, by MNN's own converter in a child
 process (it prints progress on stdout), and cached under ``io.cache_dir()`` keyed by the graph's hash and
-MNN's version. Where MNN is missing or the conversion fails, onnxruntime runs everything, with one warning.
+MNN's version. Where MNN is missing or the conversion fails, onnxruntime runs everything, with one warning; so it
+does where OpenVINO fails to load the graph (where it is asked for and not installed, that is a UserError).
 """
 from __future__ import annotations
 
