@@ -43,16 +43,25 @@ def chips() -> np.ndarray:
     return np.stack(out)
 
 
-def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, descriptor_runtime):
-    descriptor_runtime("mnn")
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def on_runtime(choose, name: str, kind: type, chips: np.ndarray) -> tuple[onnx_model.DescriptorGraph, np.ndarray, np.ndarray]:
+    """The shared descriptor network made with FACEGENDER_DESCRIPTOR_RUNTIME=``name`` (``choose``: the
+    descriptor_runtime fixture), its fast network a ``kind``; the chips' descriptors there and on onnxruntime."""
+    choose(name)
     graph = onnx_model.descriptor_network(1)
-    assert isinstance(graph.fast, mnn_runtime.MNNNetwork)
-    on_mnn = graph.fast(chips)
-    on_onnxruntime = graph.session.run(["descriptor"], {"chips": chips})[0]
-    assert on_mnn.shape == on_onnxruntime.shape == (len(chips), 128)
+    assert isinstance(graph.fast, kind)
+    fast, reference = graph.fast(chips), graph.session.run(["descriptor"], {"chips": chips})[0]
+    assert fast.shape == reference.shape == (len(chips), 128)
+    return graph, fast, reference
+
+
+def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, descriptor_runtime):
+    graph, on_mnn, on_onnxruntime = on_runtime(descriptor_runtime, "mnn", mnn_runtime.MNNNetwork, chips)
     np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
-    cosine = (on_mnn * on_onnxruntime).sum(1) / np.linalg.norm(on_mnn, axis=1) / np.linalg.norm(on_onnxruntime, axis=1)
-    assert cosine.min() > 0.99999
+    assert cosines(on_mnn, on_onnxruntime).min() > 0.99999
     assert np.array_equal(graph.fast(chips), on_mnn) and not np.array_equal(on_mnn, on_onnxruntime)
 
 
@@ -263,21 +272,29 @@ def test_a_background_start_that_fails_falls_back_to_onnxruntime_with_a_warning(
     assert served.fast is None
 
 
-def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_path):
+def predicted_folder(tmp_path: Path, runtimes: tuple[str, ...]) -> dict[str, list[dict]]:
+    """`facegender predict`'s rows over a folder of START_CHIPS photos of one face each (one batch of faces: it
+    starts MNN or OpenVINO), once with the descriptor network on each runtime, each with a cache of its own
+    (``tmp_path / "cache-NAME"``); stdout must hold nothing but the rows."""
     photo = astronaut().resize((256, 256))
     folder = tmp_path / "photos"
     folder.mkdir()
-    n = mnn_runtime.START_CHIPS  # one face each, one batch of faces: it starts MNN
+    n = mnn_runtime.START_CHIPS
     for i in range(n):
         photo.rotate(i % 9 - 4).save(folder / f"astronaut{i:02d}.jpg", quality=95)
     rows = {}
-    for name in ("mnn", "onnxruntime"):
+    for name in runtimes:
         env = os.environ | {mnn_runtime.RUNTIME_ENV: name, "FACEGENDER_CACHE": str(tmp_path / f"cache-{name}")}
         done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(folder)], capture_output=True,
                               text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
-        rows[name] = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but rows on stdout
+        rows[name] = [json.loads(line) for line in done.stdout.splitlines()]
         assert len(rows[name]) == n
+    return rows
+
+
+def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_path):
+    rows = predicted_folder(tmp_path, ("mnn", "onnxruntime"))
     assert (tmp_path / "cache-mnn" / "mnn").is_dir() and not (tmp_path / "cache-onnxruntime" / "mnn").exists()
     for a, b in zip(rows["mnn"], rows["onnxruntime"]):
         assert a["label"] == b["label"] == "female"

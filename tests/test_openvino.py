@@ -3,14 +3,10 @@ bfloat16 where the CPU computes it natively, float32 elsewhere; onnxruntime's an
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from test_mnn import astronaut, chips  # noqa: F401 (chips: a fixture, real faces' chips)
+from test_mnn import chips, cosines, on_runtime, predicted_folder  # noqa: F401 (chips: a fixture, real faces' chips)
 
 from facegender import cpu, mnn_runtime, onnx_model
 from facegender.inference import Classifier
@@ -20,18 +16,9 @@ needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None
                                     reason="OpenVINO is not installed (pip install 'facegender[openvino]')")
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 @needs_openvino
 def test_openvino_gives_onnxruntimes_descriptors_to_its_precision(chips, descriptor_runtime):  # noqa: F811
-    descriptor_runtime("openvino")
-    graph = onnx_model.descriptor_network(1)
-    assert isinstance(graph.fast, mnn_runtime.OpenVINONetwork)
-    on_openvino = graph.fast(chips)
-    on_onnxruntime = graph.session.run(["descriptor"], {"chips": chips})[0]
-    assert on_openvino.shape == on_onnxruntime.shape == (len(chips), 128)
+    graph, on_openvino, on_onnxruntime = on_runtime(descriptor_runtime, "openvino", mnn_runtime.OpenVINONetwork, chips)
     assert cosines(on_openvino, on_onnxruntime).min() > 0.9995
     if cpu.native_bf16():  # bf16 in the network: the descriptors move, and are cached under a name of their own
         assert graph.fast.precision == "bf16" and graph.name.endswith("-bf16")
@@ -46,20 +33,7 @@ def test_openvino_gives_onnxruntimes_descriptors_to_its_precision(chips, descrip
 
 @needs_openvino
 def test_predict_on_openvino_labels_a_folder_as_onnxruntime(tmp_path):
-    photo = astronaut().resize((256, 256))
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    n = mnn_runtime.START_CHIPS  # one face each, one batch of faces: it starts OpenVINO
-    for i in range(n):
-        photo.rotate(i % 9 - 4).save(folder / f"astronaut{i:02d}.jpg", quality=95)
-    rows = {}
-    for name in ("openvino", "onnxruntime"):
-        env = os.environ | {mnn_runtime.RUNTIME_ENV: name}
-        done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(folder)], capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr
-        rows[name] = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but rows on stdout
-        assert len(rows[name]) == n
+    rows = predicted_folder(tmp_path, ("openvino", "onnxruntime"))
     for a, b in zip(rows["openvino"], rows["onnxruntime"]):
         assert a["label"] == b["label"] == "female"
         assert abs(a["p_male"] - b["p_male"]) < 0.02
