@@ -5,7 +5,6 @@ MNN is forced here (``FACEGENDER_DESCRIPTOR_RUNTIME=mnn``), so these run on CPUs
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -97,12 +96,9 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     assert served.fast._session is not None
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(mnn_runtime.MNNNetwork, marks=needs_glibc),
-    pytest.param(mnn_runtime.OpenVINONetwork, marks=pytest.mark.skipif(
-        importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (pip install 'facegender[openvino]')")),
-])
-def test_a_stream_of_small_calls_starts_the_fast_runtime_in_the_background_and_stays_on_onnxruntime_meanwhile(chips, kind):
+def started_in_the_background(chips: np.ndarray, kind: type) -> None:
+    """A stream of small calls starts a ``kind`` of fast network in a thread of its own, onnxruntime answering
+    every call meanwhile, and from then on the calls run on it."""
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
     served = onnx_model.DescriptorGraph(sess, key, kind(onnx_model.DESCRIPTOR_NETWORK, key, background=True))
@@ -118,6 +114,11 @@ def test_a_stream_of_small_calls_starts_the_fast_runtime_in_the_background_and_s
     on_fast = served(few)
     assert not np.array_equal(on_fast, on_onnxruntime) and np.array_equal(on_fast, served.fast(few))
     assert cosines(on_fast, on_onnxruntime).min() > 0.9995  # MNN: float32's within 1e-4 (above); OpenVINO: bf16's
+
+
+@needs_glibc
+def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxruntime_meanwhile(chips):
+    started_in_the_background(chips, mnn_runtime.MNNNetwork)
 
 
 # A process that writes rows on stdout while MNN starts beside it (fresh cache: the conversion too).

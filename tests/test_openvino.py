@@ -6,7 +6,7 @@ import importlib.util
 
 import numpy as np
 import pytest
-from test_mnn import chips, cosines, on_runtime, predicted_folder  # noqa: F401 (chips: a fixture, real faces' chips)
+from test_mnn import chips, cosines, on_runtime, predicted_folder, started_in_the_background  # noqa: F401 (chips: a fixture)
 
 from facegender import cpu, mnn_runtime, onnx_model
 from facegender.inference import Classifier
@@ -39,6 +39,11 @@ def test_predict_on_openvino_labels_a_folder_as_onnxruntime(tmp_path):
         assert abs(a["p_male"] - b["p_male"]) < 0.02
     if cpu.native_bf16():  # the rows are the network's own: bf16's P(male) differ from float32's
         assert any(a["p_male"] != b["p_male"] for a, b in zip(rows["openvino"], rows["onnxruntime"]))
+
+
+@needs_openvino
+def test_a_stream_of_small_calls_starts_openvino_in_the_background_and_stays_on_onnxruntime_meanwhile(chips):  # noqa: F811
+    started_in_the_background(chips, mnn_runtime.OpenVINONetwork)
 
 
 def test_openvino_asked_for_but_missing_is_one_clear_error(monkeypatch, descriptor_runtime):
