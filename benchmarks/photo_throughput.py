@@ -38,6 +38,7 @@ from PIL import Image, ImageFilter
 from facegender.cli import main as facegender
 from facegender.detect import DEFAULT_DETECTOR
 from facegender.inference import Classifier
+from facegender.mnn_runtime import RUNTIME_ENV, RUNTIMES
 
 
 def single_face_photos(folder: Path, n: int) -> None:
@@ -148,7 +149,7 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
     on the same photos, one core each, one after the other; ``rounds`` times over. With several rounds the
     rates are medians, and each ratio is the median of the rounds' own (the two rates it divides measured
     minutes apart, not across the machine's drift over the whole run), with its range. ``runtimes``: BlazeFace
-    again with the descriptor network on each of these (FACEGENDER_DESCRIPTOR_RUNTIME), its ratios beside."""
+    again with the descriptor network on each of these (RUNTIME_ENV), its ratios beside."""
     python = peer_python()
     runs: dict[tuple[str, str], list[float]] = {}
     for turn in range(1, rounds + 1):
@@ -159,16 +160,14 @@ def vs_peer(sets: dict[str, Path], root: Path, before: Path | None = None, round
                 rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, source=before)
                 runs.setdefault((name, "before"), []).append(rate)
                 print(f"  {mark}one core, facegender of {before!s:22s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
-            for detector in ("blazeface", "hog"):
-                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector)
-                runs.setdefault((name, detector), []).append(rate)
-                print(f"  {mark}one core, facegender --detector {detector:9s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
-            for runtime in runtimes:
-                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", "blazeface",
-                                      env={"FACEGENDER_DESCRIPTOR_RUNTIME": runtime})
-                runs.setdefault((name, f"blazeface on {runtime}"), []).append(rate)
-                print(f"  {mark}one core, facegender, network on {runtime:10s} {name:20s} {rate:6.1f} photos/s ({rows} rows)",
-                      flush=True)
+            # (key, what it is, the detector, the descriptor network's runtime or None for the default)
+            ours = [(d, f"--detector {d}", d, None) for d in ("blazeface", "hog")]
+            ours += [(f"blazeface on {r}", f"network on {r}", "blazeface", r) for r in runtimes]
+            for key, what, detector, runtime in ours:
+                rate, rows = one_core(Path(sys.executable), OURS_RUN, str(folder), out, "--detector", detector,
+                                      env={RUNTIME_ENV: runtime} if runtime else None)
+                runs.setdefault((name, key), []).append(rate)
+                print(f"  {mark}one core, facegender {what:19s} {name:20s} {rate:6.1f} photos/s ({rows} rows)", flush=True)
             if python:
                 rate, faces = one_core(python, PEER_RUN, str(folder))
                 runs.setdefault((name, "peer"), []).append(rate)
@@ -209,7 +208,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, metavar="CHECKOUT",
                         help="with --vs-peer: also time this checkout of facegender (e.g. `git archive 061abab`, the "
                              "last one before BlazeFace) on the same photos, with its defaults")
-    parser.add_argument("--runtime", action="append", default=[], choices=["mnn", "onnxruntime", "openvino"],
+    parser.add_argument("--runtime", action="append", default=[], choices=[r for r in RUNTIMES if r != "auto"],
                         help="with --vs-peer: also time the default detector with the descriptor network on this runtime "
                              "(FACEGENDER_DESCRIPTOR_RUNTIME; repeatable)")
     args = parser.parse_args()

@@ -175,6 +175,9 @@ class LateNetwork:
     ``_run`` runs one batch."""
 
     batch = MNN_BATCH
+    # what the name of the descriptors it gives adds to float32's (``onnx_model.DescriptorGraph.name``): nothing
+    # where they are float32's within rounding
+    name_suffix = ""
 
     def __init__(self, graph: Path, key: str, background: bool = False):
         self.graph, self.key = graph, key
@@ -277,8 +280,6 @@ class MNNNetwork(LateNetwork):
         return np.array(host.getNumpyData(), dtype=np.float32).reshape(shape)
 
 
-
-
 class OpenVINONetwork(LateNetwork):
     """The network on OpenVINO's CPU plugin: in bfloat16 where the CPU computes it natively, else float32; one
     thread, not pinned to a core (predict's and serve's other threads share the cores, as with MNN)."""
@@ -286,6 +287,7 @@ class OpenVINONetwork(LateNetwork):
     def __init__(self, graph: Path, key: str, background: bool = False):
         super().__init__(graph, key, background)
         self.precision = "bf16" if native_bf16() else "f32"
+        self.name_suffix = "-bf16" if self.precision == "bf16" else ""  # bf16's descriptors are not float32's
         self._request = None
 
     def _open(self) -> None:
@@ -298,6 +300,7 @@ class OpenVINONetwork(LateNetwork):
 
     def _run(self, chips: np.ndarray) -> np.ndarray:
         return np.array(self._request.infer([chips])[0], dtype=np.float32)
+
 
 def fast_network(graph: Path, key: str, background: bool = False) -> LateNetwork | None:
     """The graph on MNN or OpenVINO where this machine should run it there (``chosen_runtime``) and it is

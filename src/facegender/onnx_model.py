@@ -24,7 +24,7 @@ import numpy as np
 
 from .chips import DESCRIPTOR_SIZE
 from .io import UserError
-from .mnn_runtime import OpenVINONetwork, fast_network, warn_fallback
+from .mnn_runtime import fast_network, warn_fallback
 
 META_KEY = "facegender"  # the metadata entry holding the checkpoint's metadata, as in safetensors headers
 INSTALL_HINT = "pip install facegender (it brings onnxruntime)"
@@ -125,13 +125,11 @@ class DescriptorGraph:
     Called on chips it is a descriptor extractor as ``descriptors.cached_descriptors`` calls one; ``name``
     keys the cached descriptors: an int8 graph's descriptors are not float32's. ``fast``: the same network on
     MNN or OpenVINO (``mnn_runtime``), which then runs the batches it ``takes``; MNN's descriptors are float32's
-    within 2e-5, so they share the name, OpenVINO's in bfloat16 are not."""
+    within 2e-5, so they share the name, OpenVINO's in bfloat16 are not (its ``name_suffix``)."""
 
     def __init__(self, sess, key: str, fast=None):
         self.session = sess
-        self.key, self.name = key, f"onnx-{key}"
-        if isinstance(fast, OpenVINONetwork) and fast.precision == "bf16":
-            self.name += "-bf16"  # its batches' descriptors are not float32's
+        self.key, self.name = key, f"onnx-{key}{'' if fast is None else fast.name_suffix}"
         self.fast = fast
 
     def _batch(self, output: str, chips: np.ndarray) -> np.ndarray:
