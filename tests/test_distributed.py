@@ -191,7 +191,7 @@ def _batch_norm_rank(rank: int, port: int, results: Path) -> None:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from facegender.distributed import sync_batch_norm
+    from facegender.distributed import leave, sync_batch_norm
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -206,6 +206,7 @@ def _batch_norm_rank(rank: int, port: int, results: Path) -> None:
                 "buffers": dict(model.named_buffers())}, results / f"rank{rank}.pt")
     dist.barrier()  # as distributed.train does: no rank tears the group down while its peer still uses it
     dist.destroy_process_group()
+    leave(0)  # as a torchrun rank ends: not in the interpreter's teardown, where gloo's threads can abort it
 
 
 def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch(tmp_path):

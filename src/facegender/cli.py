@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
                 config.device = str(comm.device)
             train(config, args.data, args.out, resume=args.resume, log=log, comm=comm)
 
-        return distributed.train(as_rank, args.out)
+        distributed.leave(distributed.train(as_rank, args.out))
     train(config, args.data, args.out, resume=args.resume)
     return 0
 
