@@ -46,6 +46,28 @@ def test_a_stream_of_small_calls_starts_openvino_in_the_background_and_stays_on_
     started_in_the_background(chips, mnn_runtime.OpenVINONetwork)
 
 
+@needs_openvino
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "f32"])
+def test_openvino_takes_single_chips_where_it_computes_in_bf16(chips, monkeypatch, bf16):  # noqa: F811
+    """Once a folder's batch has started it: in bf16 a single chip runs on OpenVINO too (faster than onnxruntime
+    there, and the same face gets the same answer in a call of any size); in float32 one stays on onnxruntime."""
+    if bf16 and not cpu.native_bf16():
+        pytest.skip("this CPU computes no bf16 natively (AVX-512 BF16 or AMX)")
+    monkeypatch.setattr(mnn_runtime, "native_bf16", lambda: bf16)
+    graph = onnx_model.descriptor_network(1)
+    sess, key = graph.session, graph.key
+    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.OpenVINONetwork(onnx_model.DESCRIPTOR_NETWORK, key))
+    one = chips[:1]
+    on_onnxruntime = sess.run(["descriptor"], {"chips": one})[0]
+    assert np.array_equal(fresh(one), on_onnxruntime) and fresh.fast._request is None  # one photo does not start it
+    fresh(np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:])))
+    on_openvino = fresh.fast(one)
+    assert not np.array_equal(on_openvino, on_onnxruntime)  # each runtime's own bits tell them apart
+    assert fresh.fast.precision == ("bf16" if bf16 else "f32")
+    assert np.array_equal(fresh(one), on_openvino if bf16 else on_onnxruntime)
+    assert np.array_equal(fresh(chips[:2]), fresh.fast(chips[:2]))  # two run there either way
+
+
 def test_openvino_asked_for_but_missing_is_one_clear_error(monkeypatch, descriptor_runtime):
     descriptor_runtime("openvino")
     real = importlib.util.find_spec

@@ -175,6 +175,7 @@ class LateNetwork:
     ``_run`` runs one batch."""
 
     batch = MNN_BATCH
+    min_batch = MIN_BATCH  # calls of fewer chips run on onnxruntime
     # what the name of the descriptors it gives adds to float32's (``onnx_model.DescriptorGraph.name``): nothing
     # where they are float32's within rounding
     name_suffix = ""
@@ -190,10 +191,10 @@ class LateNetwork:
         self._failure: Exception | None = None
 
     def takes(self, n: int) -> bool:
-        """Whether a call of ``n`` chips runs here (else on onnxruntime): MIN_BATCH and more, once started
+        """Whether a call of ``n`` chips runs here (else on onnxruntime): ``min_batch`` and more, once started
         (START_CHIPS, START_AFTER). A stream's start, in the background, leaves the calls on onnxruntime
         until it is ready. Once loading has failed it takes them, and the call raises why."""
-        if n < MIN_BATCH:
+        if n < self.min_batch:
             return False
         self._seen += n
         if self._loaded.is_set() or n >= START_CHIPS:  # a folder's batch loads it first, or waits for it
@@ -288,6 +289,9 @@ class OpenVINONetwork(LateNetwork):
         super().__init__(graph, key, background)
         self.precision = "bf16" if native_bf16() else "f32"
         self.name_suffix = "-bf16" if self.precision == "bf16" else ""  # bf16's descriptors are not float32's
+        # In bf16 it takes single chips too: faster there than onnxruntime (3.9 against 6.6 ms a call, one core
+        # of an AMD EPYC with AVX-512 BF16), and a face gets bf16's answer whatever the size of its call.
+        self.min_batch = 1 if self.precision == "bf16" else MIN_BATCH
         self._request = None
 
     def _open(self) -> None:
