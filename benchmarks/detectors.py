@@ -14,7 +14,8 @@ knows where its faces are:
   25% on every side like HOG's own retry; a box centred anywhere on the chip finds its face;
 - composites: 2-8 faces (UTKFace, CelebA aligned, SCUT) of 32-200 px on a 640x480 background like above;
 - groups in small photos: 2-4 such faces of 40-64 px (the default smallest face and up) on a 240x160
-  background, as in a group photo's thumbnail.
+  background, as in a group photo's thumbnail;
+- upside down: the rotated sets' upright faces and the composites, turned 180 degrees.
 
 A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
 and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
@@ -208,7 +209,16 @@ def build_sets(n: int) -> dict[str, list[Case]]:
     # a group photo's thumbnail: in a photo under 400 px no larger pass runs, so the first finds every face
     sets["groups in 240x160"] = pasted(upright, backgrounds, max(1, n // 2), (40, 64), rng, per_image=(2, 4),
                                        size=(240, 160), tile=16)  # tiles of the photo's eyes or lips would be faces there
+    # last, drawing nothing from rng: the sets above stay those of earlier runs
+    sets["upside down"] = [upside_down(c) for c in as_is(upright)]
+    sets["composites upside down"] = [upside_down(c) for c in sets["composites 2-8 faces"]]
     return sets
+
+
+def upside_down(case: Case) -> Case:
+    w, h = case.image.size
+    return Case(case.image.transpose(Image.Transpose.ROTATE_180), [(w - x1, h - y1, w - x0, h - y0)
+                                                                   for x0, y0, x1, y1 in case.faces])
 
 
 def score(found: list[Box], faces: list[Box]) -> tuple[int, int]:
