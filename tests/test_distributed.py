@@ -233,6 +233,28 @@ def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch(tmp_path):
             torch.testing.assert_close(got["buffers"][name], buffer, rtol=1e-5, atol=1e-7, msg=name)
 
 
+LEAVING = """
+import atexit, pathlib, sys
+from facegender import distributed
+atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text("exit handlers ran"))
+print("a row still in stdout's buffer")
+print("a line still in stderr's", file=sys.stderr)
+distributed.leave(3)
+print("after leave")
+"""
+
+
+def test_a_rank_leaves_with_its_status_its_output_and_its_exit_handlers(tmp_path):
+    """``distributed.leave`` skips the interpreter's teardown, not what a normal exit does before it."""
+    marker = tmp_path / "marker"
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    done = subprocess.run([sys.executable, "-c", LEAVING, str(marker)], capture_output=True, text=True,
+                          timeout=LAUNCH_S, env=env, check=False)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "a row still in stdout's buffer\n" and "a line still in stderr's" in done.stderr
+    assert marker.read_text() == "exit handlers ran"
+
+
 def test_resume_under_torchrun_continues_exactly(synthetic_dataset, tmp_path):
     common = ["--weights", "none", "--batch-size", 16, "--seed", 3, "--config", _small(tmp_path)]
     straight = _torchrun("--data", synthetic_dataset, "--out", tmp_path / "straight", "--epochs", 2, *common)
