@@ -113,3 +113,13 @@ def test_annotate_enlarges_a_thumbnail_so_its_labels_fit(tmp_path):
     assert band[:, 1].max() < drawn.width and band[:, 1].min() >= 20 * f - 1
     # a photo of ANNOTATED_MIN_SIDE px and more is drawn on at its own size
     assert annotate(thumb.resize((ANNOTATED_MIN_SIDE, 300)), []).size == (ANNOTATED_MIN_SIDE, 300)
+
+
+def test_the_annotate_help_gives_the_side_under_which_a_photo_is_enlarged(capsys):
+    """``cli`` keeps its imports light for start-up, so its help writes the side out: it must stay the one used."""
+    from facegender.cli import main
+    from facegender.inference import ANNOTATED_MIN_SIDE
+
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert f"one under {ANNOTATED_MIN_SIDE} px enlarged" in " ".join(capsys.readouterr().out.split())
