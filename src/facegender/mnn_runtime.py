@@ -15,7 +15,8 @@ core to spare, MNN starts in a thread of its own while onnxruntime goes on: no r
 
 ``openvino`` (``pip install 'facegender[openvino]'``, never chosen by ``auto``) runs the network on OpenVINO, in
 bfloat16 on a CPU with native bf16 (``cpu.native_bf16``) and in float32 elsewhere. On one core of a Zen 4 EPYC it
-took 2.5 against MNN's 2.95 ms a face, and `predict` over three-face photos 0.93x MNN's time; its descriptors are
+took 2.5 against MNN's 2.95 ms a face, and `predict` over three-face photos 0.93x MNN's time; in bf16 it takes
+single chips too (``min_batch`` 1: 3.9 against onnxruntime's 6.6 ms). Its descriptors are
 float32's within a cosine of 0.9999 (bf16 keeps 8 bits of each number), which changed 9 of 7,669 validation
 answers and no corpus's accuracy by more than 0.07 points (docs/benchmarks.md). It is asked for by name because
 its answers are not float32's to the bit, and because it adds 180 MB to an install.
