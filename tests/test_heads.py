@@ -1,4 +1,5 @@
 """Face descriptors, the descriptor head, the ensemble and distillation: real faces, real models."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -10,7 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from facegender import chips, descriptors
+from facegender import chips, descriptors, mnn_runtime, onnx_model
 from facegender.config import load_config
 from facegender.data import load_samples, prepare_csv
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
@@ -80,6 +81,29 @@ def test_descriptors_are_cached_by_content_and_a_lost_shard_is_recomputed(scut_s
     descriptors.cached_descriptors(samples, workers=1, extractor=counting, progress=False)
     assert 0 < sum(calls) <= descriptors.SHARD_SIZE
     assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="OpenVINO is not installed (pip install 'facegender[openvino]')")
+def test_descriptors_a_failed_runtime_left_to_onnxruntime_are_cached_as_float32s(scut_small, tmp_path, monkeypatch):
+    """A graph named for OpenVINO's bf16 descriptors whose OpenVINO cannot start computes float32's on
+    onnxruntime instead: they go under float32's name, never among bf16's."""
+    monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mnn_runtime, "native_bf16", lambda: True)  # the name bf16 gives; it never runs here
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    network = onnx_model.descriptor_network(1)
+    graph = onnx_model.DescriptorGraph(network.session, network.key, mnn_runtime.OpenVINONetwork(broken, "broken"))
+    bf16_name, float32_name = graph.name, f"onnx-{network.key}"
+    assert bf16_name == float32_name + "-bf16"
+    samples = load_samples(scut_small, "val")
+    with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN or OpenVINO"):
+        got = descriptors.cached_descriptors(samples, workers=1, extractor=graph, progress=False)
+    assert graph.fast is None and graph.name == float32_name
+    folder = tmp_path / "cache" / "descriptors"
+    assert list((folder / float32_name).glob("shard-*.npz")) and not list((folder / bf16_name).glob("shard-*.npz"))
+    chips_ = np.stack([descriptors._chip_of((s.path, s.landmarks))[0] for s in samples[:4]])
+    np.testing.assert_array_equal(got.vectors[:4], network.session.run(["descriptor"], {"chips": chips_})[0])
 
 
 def test_a_descriptor_head_is_a_real_model_everywhere(descriptor_run, scut_small, tmp_path):

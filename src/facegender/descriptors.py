@@ -128,6 +128,8 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
     known = _read_shards(folder)
     todo = sorted({k: s for k, s in zip(keys, samples) if k not in known}.items())
     if todo:
+        if hasattr(extractor, "load"):  # one runtime for all of them: a few chips would otherwise run on onnxruntime
+            extractor.load()
         shards = [todo[i:i + SHARD_SIZE] for i in range(0, len(todo), SHARD_SIZE)]
         jobs = [[(s.path, s.landmarks) for _, s in shard] for shard in shards]
         from tqdm import tqdm  # here: labelling a photo (which imports this module) shows no bar
@@ -140,7 +142,11 @@ def cached_descriptors(samples: list[Sample], workers: int = 2, extractor=None, 
                 vectors = iter(extractor(np.stack(good)) if good else [])
                 outputs = [next(vectors) if c is not None else None for c in chips]
                 shard_keys = [k for k, _ in shard]
-                _write_shard(folder, shard_keys, outputs, reasons)
+                # the extractor's name as it is now: one whose fast runtime failed (onnx_model.DescriptorGraph)
+                # computed these on onnxruntime, in float32, whatever name it started with
+                written = cache_root() / extractor.name
+                written.mkdir(parents=True, exist_ok=True)
+                _write_shard(written, shard_keys, outputs, reasons)
                 for k, v, r in zip(shard_keys, outputs, reasons):
                     known[k] = v if v is not None else r
                 bar.update(len(shard))

@@ -125,18 +125,33 @@ class DescriptorGraph:
     Called on chips it is a descriptor extractor as ``descriptors.cached_descriptors`` calls one; ``name``
     keys the cached descriptors: an int8 graph's descriptors are not float32's. ``fast``: the same network on
     MNN or OpenVINO (``mnn_runtime``), which then runs the batches it ``takes``; MNN's descriptors are float32's
-    within 2e-5, so they share the name, OpenVINO's in bfloat16 are not (its ``name_suffix``)."""
+    within 2e-5, so they share the name, OpenVINO's in bfloat16 are not (its ``name_suffix``). Where ``fast``
+    fails and onnxruntime takes over, the name becomes float32's."""
 
     def __init__(self, sess, key: str, fast=None):
         self.session = sess
-        self.key, self.name = key, f"onnx-{key}{'' if fast is None else fast.name_suffix}"
+        self.key = key
         self.fast = fast
+
+    @property
+    def name(self) -> str:
+        return f"onnx-{self.key}{'' if self.fast is None else self.fast.name_suffix}"
+
+    def load(self) -> None:
+        """Start the fast runtime now, where there is one (a bulk job about to run, whose every batch it then
+        takes); where it cannot start, onnxruntime runs the network from here on, with a warning."""
+        if self.fast is not None:
+            try:
+                self.fast.load()
+            except Exception as e:  # MNN failing to convert or load: onnxruntime still runs the network
+                warn_fallback(e)
+                self.fast = None
 
     def _batch(self, output: str, chips: np.ndarray) -> np.ndarray:
         if self.fast is not None and output == "descriptor" and self.fast.takes(len(chips)):
             try:
                 return self.fast(chips)
-            except Exception as e:  # MNN failing to convert or load: onnxruntime still runs the network
+            except Exception as e:  # as in load
                 warn_fallback(e)
                 self.fast = None
         return self.session.run([output], {"chips": chips})[0]
