@@ -4,7 +4,8 @@ dlib computes one chip at a time (``compute_face_descriptor(chip)``, what most u
 (its batch overload); ``DescriptorNet`` runs at batch 1 and at a large batch, in fp32 and bf16, and so
 does the graph ``facegender export`` writes of the default model on onnxruntime in fp32 (``--int8 FILE``:
 also an int8 graph made by ``export --int8``; ``--as-exported``: also dlib's network graph as the exporter
-writes it, before ``onnx_export.in_channel_blocks``), and dlib's network on MNN in fp32 (``mnn_runtime``). The
+writes it, before ``onnx_export.in_channel_blocks``), and dlib's network on MNN in fp32 and, where the ``openvino``
+extra is installed, on OpenVINO (bf16 on CPUs that compute it natively, else fp32; ``mnn_runtime``). The
 chips are real faces: dlib's own 150x150 chips of UTKFace images (scikit-image's astronaut, flipped
 and shifted, where UTKFace is absent). The configurations take turns for ``--rounds`` rounds and each
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
@@ -15,6 +16,7 @@ a core costs wall time but no CPU time. Also prints each precision's cosine to d
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 
 import numpy as np
@@ -26,7 +28,7 @@ from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.chips import MODEL_FILE, face_chips, full_object_detection
 from facegender.dlibnet import DescriptorNet
 from facegender.inference import Classifier
-from facegender.mnn_runtime import MNNNetwork
+from facegender.mnn_runtime import MNNNetwork, OpenVINONetwork
 from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, session
 from facegender.runtime import cpu_has_bf16
 
@@ -84,6 +86,8 @@ def main() -> None:
     # onnxruntime alone, and the same network on MNN (what mnn_runtime's ``auto`` picks on CPUs without AVX-512)
     graphs = {"fp32": DescriptorGraph(shipped.session, shipped.key)}
     on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key)  # one thread, as mnn_runtime runs it
+    # FACEGENDER_DESCRIPTOR_RUNTIME=openvino's network, called directly: it runs every batch, single chips too
+    on_openvino = OpenVINONetwork(DESCRIPTOR_NETWORK, shipped.key) if importlib.util.find_spec("openvino") else None
     if args.as_exported:
         from facegender.onnx_export import descriptor_network_graph
 
@@ -100,6 +104,11 @@ def main() -> None:
         print(f"cosine to dlib, onnxruntime {precision}: {cosine_range(graph(chips), truth)}")
     print(f"cosine to dlib, MNN fp32: {cosine_range(on_mnn(chips), truth)}; "
           f"to onnxruntime fp32: {cosine_range(on_mnn(chips), graphs['fp32'](chips))}")
+    if on_openvino is not None:
+        print(f"cosine to dlib, OpenVINO {on_openvino.precision}: {cosine_range(on_openvino(chips), truth)}; "
+              f"to onnxruntime fp32: {cosine_range(on_openvino(chips), graphs['fp32'](chips))}")
+    else:
+        print("OpenVINO: not installed (pip install 'facegender[openvino]'), not timed")
 
     configs = {
         ("dlib", "one at a time", 1): lambda b: [reference.compute_face_descriptor(c) for c in b],
@@ -113,6 +122,8 @@ def main() -> None:
             configs[("onnx", precision, batch)] = graph
     for batch in (1, args.batch):
         configs[("mnn", "fp32", batch)] = on_mnn
+        if on_openvino is not None:
+            configs[("openvino", on_openvino.precision, batch)] = on_openvino
     rates = {key: [] for key in configs}
     for _ in range(args.rounds):
         for key, run in configs.items():
