@@ -5,7 +5,7 @@ dlib computes one chip at a time (``compute_face_descriptor(chip)``, what most u
 does the graph ``facegender export`` writes of the default model on onnxruntime in fp32 (``--int8 FILE``:
 also an int8 graph made by ``export --int8``; ``--as-exported``: also dlib's network graph as the exporter
 writes it, before ``onnx_export.in_channel_blocks``), and dlib's network on MNN in fp32 and, where the ``openvino``
-extra is installed, on OpenVINO (bf16 on CPUs that compute it natively, else fp32; ``mnn_runtime``). The
+extra is installed, on OpenVINO (bf16 on CPUs that compute it natively, else fp32; ``descriptor_runtime``). The
 chips are real faces: dlib's own 150x150 chips of UTKFace images (scikit-image's astronaut, flipped
 and shifted, where UTKFace is absent). The configurations take turns for ``--rounds`` rounds and each
 reports its median, so load from other processes on a shared machine falls on all of them alike; the
@@ -28,7 +28,7 @@ from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
 from facegender.chips import MODEL_FILE, face_chips, full_object_detection
 from facegender.dlibnet import DescriptorNet
 from facegender.inference import Classifier
-from facegender.mnn_runtime import MNNNetwork, OpenVINONetwork
+from facegender.descriptor_runtime import MNNNetwork, OpenVINONetwork
 from facegender.onnx_model import DESCRIPTOR_NETWORK, DescriptorGraph, session
 from facegender.runtime import cpu_has_bf16
 
@@ -83,9 +83,9 @@ def main() -> None:
     reference = dlib.face_recognition_model_v1(str(packaged_model(MODEL_FILE)))
     nets = {p: DescriptorNet.from_dat(device="cpu", precision=p) for p in ("fp32", "bf16")}
     shipped = Classifier.from_checkpoint("descriptor", backend="onnxruntime", detect=False).model.extractor
-    # onnxruntime alone, and the same network on MNN (what mnn_runtime's ``auto`` picks on CPUs without AVX-512)
+    # onnxruntime alone, and the same network on MNN (what descriptor_runtime's ``auto`` picks on CPUs without AVX-512)
     graphs = {"fp32": DescriptorGraph(shipped.session, shipped.key)}
-    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key)  # one thread, as mnn_runtime runs it
+    on_mnn = MNNNetwork(DESCRIPTOR_NETWORK, shipped.key)  # one thread, as descriptor_runtime runs it
     # FACEGENDER_DESCRIPTOR_RUNTIME=openvino's network, called directly: it runs every batch, single chips too
     on_openvino = OpenVINONetwork(DESCRIPTOR_NETWORK, shipped.key) if importlib.util.find_spec("openvino") else None
     if args.as_exported:

@@ -38,7 +38,7 @@ from PIL import Image, ImageFilter
 from facegender.cli import main as facegender
 from facegender.detect import DEFAULT_DETECTOR
 from facegender.inference import Classifier
-from facegender.mnn_runtime import RUNTIME_ENV, RUNTIMES
+from facegender.descriptor_runtime import RUNTIME_ENV, RUNTIMES
 
 
 def single_face_photos(folder: Path, n: int) -> None:

@@ -99,13 +99,13 @@ def real_subsets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture()
-def descriptor_runtime(monkeypatch):
+def choose_runtime(monkeypatch):
     """``choose(name)``: FACEGENDER_DESCRIPTOR_RUNTIME set to ``name``, with the process's shared descriptor
     network made afresh under it (and again after the test, under the environment it restores)."""
-    from facegender import mnn_runtime, onnx_model
+    from facegender import descriptor_runtime, onnx_model
 
     def choose(name: str) -> None:
-        monkeypatch.setenv(mnn_runtime.RUNTIME_ENV, name)
+        monkeypatch.setenv(descriptor_runtime.RUNTIME_ENV, name)
         onnx_model.descriptor_network.cache_clear()
 
     yield choose

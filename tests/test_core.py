@@ -132,14 +132,14 @@ def _faces_of_every_corpus(clf) -> list:
 
 @pytest.mark.needs_train
 @pytest.mark.parametrize("name", ["descriptor", "resnet18", "ensemble"])
-def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, descriptor_runtime):
+def test_the_core_gives_the_pytorch_answers_on_real_faces(name, tmp_path, choose_runtime):
     """P(male) per face within 1e-4 of PyTorch's float32, for every bundled model (and an ensemble of
     the two, whose ResNet18 is converted to ONNX on first use), on onnxruntime: the graphs are the networks.
     (MNN's Winograd arithmetic moves P(male) up to 2e-4 more: tests/test_mnn.py holds it to onnxruntime's.)"""
     pytest.importorskip("torch", reason="PyTorch (the training extra) is needed to compare with its answers")
     from facegender.inference import Classifier
 
-    descriptor_runtime("onnxruntime")
+    choose_runtime("onnxruntime")
 
     model = name
     if name == "ensemble":

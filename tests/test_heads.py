@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from facegender import chips, descriptors, mnn_runtime, onnx_model
+from facegender import chips, descriptors, descriptor_runtime, onnx_model
 from facegender.config import load_config
 from facegender.data import load_samples, prepare_csv
 from facegender.detect import LANDMARK_MODEL, FaceDetector, packaged_model
@@ -89,11 +89,11 @@ def test_descriptors_a_failed_runtime_left_to_onnxruntime_are_cached_as_float32s
     """A graph named for OpenVINO's bf16 descriptors whose OpenVINO cannot start computes float32's on
     onnxruntime instead: they go under float32's name, never among bf16's."""
     monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(mnn_runtime, "native_bf16", lambda: True)  # the name bf16 gives; it never runs here
+    monkeypatch.setattr(descriptor_runtime, "native_bf16", lambda: True)  # the name bf16 gives; it never runs here
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     network = onnx_model.descriptor_network(1)
-    graph = onnx_model.DescriptorGraph(network.session, network.key, mnn_runtime.OpenVINONetwork(broken, "broken"))
+    graph = onnx_model.DescriptorGraph(network.session, network.key, descriptor_runtime.OpenVINONetwork(broken, "broken"))
     bf16_name, float32_name = graph.name, f"onnx-{network.key}"
     assert bf16_name == float32_name + "-bf16"
     samples = load_samples(scut_small, "val")

@@ -1,4 +1,4 @@
-"""dlib's descriptor network on MNN (``mnn_runtime``): onnxruntime's answers, a conversion made once, clean stdout.
+"""dlib's descriptor network on MNN (``descriptor_runtime``): onnxruntime's answers, a conversion made once, clean stdout.
 
 MNN is forced here (``FACEGENDER_DESCRIPTOR_RUNTIME=mnn``), so these run on CPUs with AVX-512 too, where
 ``auto`` keeps onnxruntime.
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegender import io, mnn_runtime, onnx_model
+from facegender import io, descriptor_runtime, onnx_model
 from facegender.inference import Classifier
 from facegender.io import UserError
 
 pytest.importorskip("MNN", reason="MNN is not installed (pip install MNN)")
 needs_glibc = pytest.mark.skipif(
-    mnn_runtime._C_STDOUT is None, reason="MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
+    descriptor_runtime._C_STDOUT is None, reason="MNN starts in the background only with glibc (its stdout can be pointed elsewhere)")
 
 
 def astronaut() -> Image.Image:
@@ -49,7 +49,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def on_runtime(choose, name: str, kind: type, chips: np.ndarray) -> tuple[onnx_model.DescriptorGraph, np.ndarray, np.ndarray]:
     """The shared descriptor network made with FACEGENDER_DESCRIPTOR_RUNTIME=``name`` (``choose``: the
-    descriptor_runtime fixture), its fast network a ``kind``; the chips' descriptors there and on onnxruntime."""
+    choose_runtime fixture), its fast network a ``kind``; the chips' descriptors there and on onnxruntime."""
     choose(name)
     graph = onnx_model.descriptor_network(1)
     assert isinstance(graph.fast, kind)
@@ -58,8 +58,8 @@ def on_runtime(choose, name: str, kind: type, chips: np.ndarray) -> tuple[onnx_m
     return graph, fast, reference
 
 
-def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, descriptor_runtime):
-    graph, on_mnn, on_onnxruntime = on_runtime(descriptor_runtime, "mnn", mnn_runtime.MNNNetwork, chips)
+def test_mnn_gives_onnxruntimes_descriptors_on_real_faces(chips, choose_runtime):
+    graph, on_mnn, on_onnxruntime = on_runtime(choose_runtime, "mnn", descriptor_runtime.MNNNetwork, chips)
     np.testing.assert_allclose(on_mnn, on_onnxruntime, atol=1e-4)
     assert cosines(on_mnn, on_onnxruntime).min() > 0.99999
     assert np.array_equal(graph.fast(chips), on_mnn) and not np.array_equal(on_mnn, on_onnxruntime)
@@ -69,9 +69,9 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     """Answers tell the runtimes apart: each gives its own bits, which differ from the other's."""
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
-    fresh = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
-    many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
-    few = chips[:mnn_runtime.MIN_BATCH]
+    fresh = onnx_model.DescriptorGraph(sess, key, descriptor_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
+    many = np.resize(chips, (descriptor_runtime.START_CHIPS, *chips.shape[1:]))
+    few = chips[:descriptor_runtime.MIN_BATCH]
     on_onnxruntime = sess.run(["descriptor"], {"chips": many})[0]
     few_on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
     # a photo's few faces: onnxruntime, and MNN is not even loaded
@@ -84,11 +84,11 @@ def test_mnn_starts_on_a_folders_batch_then_takes_batches_of_min_batch_chips(chi
     assert np.array_equal(fresh(few[:-1]), sess.run(["descriptor"], {"chips": few[:-1]})[0])
     assert np.array_equal(fresh(few[:1]), sess.run(["descriptor"], {"chips": few[:1]})[0])
     # a server's batches start it once START_AFTER chips have come in batches it would take
-    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
+    served = onnx_model.DescriptorGraph(sess, key, descriptor_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, key))
     for _ in range(50):
         served(few[:-1])
     assert served.fast._session is None
-    calls = -(-mnn_runtime.START_AFTER // len(few))
+    calls = -(-descriptor_runtime.START_AFTER // len(few))
     for _ in range(calls - 1):
         served(few)
     assert served.fast._session is None
@@ -102,9 +102,9 @@ def started_in_the_background(chips: np.ndarray, kind: type) -> None:
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
     served = onnx_model.DescriptorGraph(sess, key, kind(onnx_model.DESCRIPTOR_NETWORK, key, background=True))
-    few = chips[:mnn_runtime.MIN_BATCH]
+    few = chips[:descriptor_runtime.MIN_BATCH]
     on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
-    calls = -(-mnn_runtime.START_AFTER // len(few))
+    calls = -(-descriptor_runtime.START_AFTER // len(few))
     for _ in range(calls - 1):
         assert np.array_equal(served(few), on_onnxruntime)
     assert not served.fast._started
@@ -118,16 +118,16 @@ def started_in_the_background(chips: np.ndarray, kind: type) -> None:
 
 @needs_glibc
 def test_a_stream_of_small_calls_starts_mnn_in_the_background_and_stays_on_onnxruntime_meanwhile(chips):
-    started_in_the_background(chips, mnn_runtime.MNNNetwork)
+    started_in_the_background(chips, descriptor_runtime.MNNNetwork)
 
 
 # A process that writes rows on stdout while MNN starts beside it (fresh cache: the conversion too).
 BACKGROUND_START = """
 import json, sys
 import numpy as np
-from facegender import mnn_runtime, onnx_model
+from facegender import descriptor_runtime, onnx_model
 graph = onnx_model.descriptor_network(1)
-network = mnn_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, graph.key, background=True)
+network = descriptor_runtime.MNNNetwork(onnx_model.DESCRIPTOR_NETWORK, graph.key, background=True)
 served = onnx_model.DescriptorGraph(graph.session, graph.key, network)
 chips = np.load(sys.argv[1])
 rows = 0
@@ -142,9 +142,9 @@ print(json.dumps({"row": rows + 1, "mnn": bool(np.array_equal(served(chips), net
 
 @needs_glibc
 def test_mnn_starting_in_the_background_writes_nothing_on_stdout_and_loses_no_row(chips, tmp_path):
-    np.save(tmp_path / "chips.npy", chips[:mnn_runtime.MIN_BATCH])
+    np.save(tmp_path / "chips.npy", chips[:descriptor_runtime.MIN_BATCH])
     for unbuffered in ("", "1"):  # C's stdout buffered by block, and unbuffered (python -u)
-        env = os.environ | {mnn_runtime.RUNTIME_ENV: "mnn", "FACEGENDER_CACHE": str(tmp_path / f"cache{unbuffered}"),
+        env = os.environ | {descriptor_runtime.RUNTIME_ENV: "mnn", "FACEGENDER_CACHE": str(tmp_path / f"cache{unbuffered}"),
                             "PYTHONUNBUFFERED": unbuffered}
         done = subprocess.run([sys.executable, "-c", BACKGROUND_START, str(tmp_path / "chips.npy")],
                               capture_output=True, text=True, env=env, timeout=300)
@@ -154,22 +154,22 @@ def test_mnn_starting_in_the_background_writes_nothing_on_stdout_and_loses_no_ro
         assert rows[-1]["mnn"] is True
 
 
-def test_the_runtime_follows_the_environment_and_refuses_other_names(descriptor_runtime):
-    descriptor_runtime("onnxruntime")
-    assert mnn_runtime.chosen_runtime() == "onnxruntime"
-    assert mnn_runtime.fast_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
-    descriptor_runtime("MNN")
-    assert mnn_runtime.chosen_runtime() == "mnn"
-    descriptor_runtime("auto")
+def test_the_runtime_follows_the_environment_and_refuses_other_names(choose_runtime):
+    choose_runtime("onnxruntime")
+    assert descriptor_runtime.chosen_runtime() == "onnxruntime"
+    assert descriptor_runtime.fast_network(onnx_model.DESCRIPTOR_NETWORK, "k") is None
+    choose_runtime("MNN")
+    assert descriptor_runtime.chosen_runtime() == "mnn"
+    choose_runtime("auto")
     from facegender.cpu import first_processor  # the parsing only: the rule below is this test's own
 
     info = first_processor(Path("/proc/cpuinfo").read_text(errors="replace"))
     flags, zen_4 = info.get("flags", "").split(), info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
     expected = "mnn" if ("avx2" in flags and "avx512f" not in flags) or (zen_4 and "avx512f" in flags) else "onnxruntime"
-    assert mnn_runtime.chosen_runtime() == expected
-    descriptor_runtime("tensorrt")
-    with pytest.raises(UserError, match=f"{mnn_runtime.RUNTIME_ENV}=tensorrt: must be one of auto, mnn, onnxruntime, openvino"):
-        mnn_runtime.chosen_runtime()
+    assert descriptor_runtime.chosen_runtime() == expected
+    choose_runtime("tensorrt")
+    with pytest.raises(UserError, match=f"{descriptor_runtime.RUNTIME_ENV}=tensorrt: must be one of auto, mnn, onnxruntime, openvino"):
+        descriptor_runtime.chosen_runtime()
 
 
 def test_the_stem_over_space_to_depth_computes_what_the_shipped_graph_does(chips, tmp_path):
@@ -203,24 +203,24 @@ def test_the_conversion_is_made_once_and_a_failed_one_leaves_no_file(tmp_path, m
     import MNN
 
     monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
-    first = mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
+    first = descriptor_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
     stamp = first.stat().st_mtime_ns
     assert first.stat().st_size > 20_000_000  # the network's weights, in float32
-    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert descriptor_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
     assert first.stat().st_mtime_ns == stamp
     # a process killed while converting leaves its temporary file: swept once no converter can be at work
     stale, fresh = (first.parent / f".{first.name}.{n}.tmp" for n in ("a1", "b2"))
     for tmp in (stale, fresh):
         tmp.write_bytes(b"half a network")
-    old = time.time() - mnn_runtime.CONVERT_TIMEOUT - 120
+    old = time.time() - descriptor_runtime.CONVERT_TIMEOUT - 120
     os.utime(stale, (old, old))
-    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert descriptor_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
     assert not stale.exists() and fresh.exists()
     fresh.unlink()
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     with pytest.raises(RuntimeError, match="MNN could not convert"):
-        mnn_runtime.converted(broken, "k2", MNN.version())
+        descriptor_runtime.converted(broken, "k2", MNN.version())
     assert sorted(p.name for p in (tmp_path / "cache" / "mnn").iterdir()) == [first.name]
 
 
@@ -238,12 +238,12 @@ def test_converted_networks_of_other_versions_go_once_unused_for_a_month(tmp_pat
         path.write_bytes(b"a network")
     for path in (older, unrelated):
         os.utime(path, (month, month))
-    first = mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
+    first = descriptor_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version())
     assert sorted(p.name for p in folder.iterdir()) == sorted([first.name, recent.name, unrelated.name])
     # a use marks the entry it reads, so that its own turn to go waits for a month without one
     os.utime(first, (month, month))
     os.utime(recent, (month, month))
-    assert mnn_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
+    assert descriptor_runtime.converted(onnx_model.DESCRIPTOR_NETWORK, "k1", MNN.version()) == first
     assert time.time() - first.stat().st_mtime < 60
     assert sorted(p.name for p in folder.iterdir()) == sorted([first.name, unrelated.name])
 
@@ -253,8 +253,8 @@ def test_a_network_mnn_cannot_convert_falls_back_to_onnxruntime_with_a_warning(c
     broken.write_bytes(b"not a graph")
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
-    fallback = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken"))
-    many = np.resize(chips, (mnn_runtime.START_CHIPS, *chips.shape[1:]))
+    fallback = onnx_model.DescriptorGraph(sess, key, descriptor_runtime.MNNNetwork(broken, "broken"))
+    many = np.resize(chips, (descriptor_runtime.START_CHIPS, *chips.shape[1:]))
     with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
         got = fallback(many)
     assert fallback.fast is None
@@ -267,10 +267,10 @@ def test_a_background_start_that_fails_falls_back_to_onnxruntime_with_a_warning(
     broken.write_bytes(b"not a graph")
     graph = onnx_model.descriptor_network(1)
     sess, key = graph.session, graph.key
-    served = onnx_model.DescriptorGraph(sess, key, mnn_runtime.MNNNetwork(broken, "broken", background=True))
-    few = chips[:mnn_runtime.MIN_BATCH]
+    served = onnx_model.DescriptorGraph(sess, key, descriptor_runtime.MNNNetwork(broken, "broken", background=True))
+    few = chips[:descriptor_runtime.MIN_BATCH]
     on_onnxruntime = sess.run(["descriptor"], {"chips": few})[0]
-    for _ in range(-(-mnn_runtime.START_AFTER // len(few))):
+    for _ in range(-(-descriptor_runtime.START_AFTER // len(few))):
         assert np.array_equal(served(few), on_onnxruntime)
     assert served.fast._loaded.wait(300) and served.fast._failure is not None  # its thread failed, quietly
     with pytest.warns(RuntimeWarning, match="descriptors on onnxruntime instead of MNN"):
@@ -285,12 +285,12 @@ def predicted_folder(tmp_path: Path, runtimes: tuple[str, ...]) -> dict[str, lis
     photo = astronaut().resize((256, 256))
     folder = tmp_path / "photos"
     folder.mkdir()
-    n = mnn_runtime.START_CHIPS
+    n = descriptor_runtime.START_CHIPS
     for i in range(n):
         photo.rotate(i % 9 - 4).save(folder / f"astronaut{i:02d}.jpg", quality=95)
     rows = {}
     for name in runtimes:
-        env = os.environ | {mnn_runtime.RUNTIME_ENV: name, "FACEGENDER_CACHE": str(tmp_path / f"cache-{name}")}
+        env = os.environ | {descriptor_runtime.RUNTIME_ENV: name, "FACEGENDER_CACHE": str(tmp_path / f"cache-{name}")}
         done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(folder)], capture_output=True,
                               text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
@@ -307,7 +307,7 @@ def test_predict_on_mnn_keeps_stdout_to_its_rows_and_labels_as_onnxruntime(tmp_p
         assert abs(a["p_male"] - b["p_male"]) < 1e-4
 
 
-def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(descriptor_runtime):
+def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(choose_runtime):
     """P(male) of the bundled model within 1e-3 of onnxruntime's (2e-4 measured), the same labels, on
     real faces of the three corpora."""
     from conftest import shared
@@ -316,7 +316,7 @@ def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(descriptor_runtime
               for p in sorted(shared(corpus).glob("*.jpg"))[::997][:8]]
     p_male = {}
     for name in ("mnn", "onnxruntime"):
-        descriptor_runtime(name)
+        choose_runtime(name)
         p_male[name] = np.array([p.p_male for p in Classifier.from_checkpoint().predict(photos) if p.p_male is not None])
     assert len(p_male["mnn"]) == len(p_male["onnxruntime"]) >= 20
     assert np.abs(p_male["mnn"] - p_male["onnxruntime"]).max() < 1e-3
@@ -326,12 +326,12 @@ def test_mnn_labels_faces_of_every_corpus_as_onnxruntime_does(descriptor_runtime
 def test_a_bad_runtime_name_stops_predict_with_one_line(tmp_path):
     photo = tmp_path / "astronaut.jpg"
     astronaut().save(photo)
-    env = os.environ | {mnn_runtime.RUNTIME_ENV: "gpu"}
+    env = os.environ | {descriptor_runtime.RUNTIME_ENV: "gpu"}
     done = subprocess.run([sys.executable, "-m", "facegender.cli", "predict", str(photo)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert f"{mnn_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime, openvino" in done.stderr
+    assert f"{descriptor_runtime.RUNTIME_ENV}=gpu: must be one of auto, mnn, onnxruntime, openvino" in done.stderr
 
 
 ZEN_4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx avx2 fma avx512f avx512bw\n"
@@ -345,11 +345,11 @@ ZEN_4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: 
     (ZEN_4 + "\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n", False, True, "mnn"),  # the first processor's
     ("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n", False, False, "onnxruntime"),  # arm64
 ])
-def test_the_runtime_that_auto_takes_follows_the_cpu(monkeypatch, descriptor_runtime, cpuinfo, without_avx512,
+def test_the_runtime_that_auto_takes_follows_the_cpu(monkeypatch, choose_runtime, cpuinfo, without_avx512,
                                                      in_halves, runtime):
     from facegender import cpu
 
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: cpu.first_processor(cpuinfo))
-    descriptor_runtime("auto")
+    choose_runtime("auto")
     assert (cpu.x86_without_avx512(), cpu.avx512_in_halves()) == (without_avx512, in_halves)
-    assert mnn_runtime.chosen_runtime() == runtime
+    assert descriptor_runtime.chosen_runtime() == runtime

@@ -1,5 +1,5 @@
 """What this machine's CPU computes float32 with, for the choices that depend on it: which runtime runs the
-descriptor network (``mnn_runtime``), which BlazeFace graph onnxruntime runs (``blazeface``)."""
+descriptor network (``descriptor_runtime``), which BlazeFace graph onnxruntime runs (``blazeface``)."""
 from __future__ import annotations
 
 import functools

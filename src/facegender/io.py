@@ -81,7 +81,7 @@ def _umask() -> int:
 @functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The process's C library where it is glibc, else None: its ``mallopt`` (``images``) and its ``stdout``
-    variable (``mnn_runtime``) are what facegender sets, and musl's are a no-op and a constant."""
+    variable (``descriptor_runtime``) are what facegender sets, and musl's are a no-op and a constant."""
     if os.name != "posix":  # ctypes.CDLL(None) is POSIX's own
         return None
     try:

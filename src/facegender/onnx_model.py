@@ -24,7 +24,7 @@ import numpy as np
 
 from .chips import DESCRIPTOR_SIZE
 from .io import UserError
-from .mnn_runtime import fast_network, warn_fallback
+from .descriptor_runtime import fast_network, warn_fallback
 
 META_KEY = "facegender"  # the metadata entry holding the checkpoint's metadata, as in safetensors headers
 INSTALL_HINT = "pip install facegender (it brings onnxruntime)"
@@ -124,7 +124,7 @@ class DescriptorGraph:
 
     Called on chips it is a descriptor extractor as ``descriptors.cached_descriptors`` calls one; ``name``
     keys the cached descriptors: an int8 graph's descriptors are not float32's. ``fast``: the same network on
-    MNN or OpenVINO (``mnn_runtime``), which then runs the batches it ``takes``; MNN's descriptors are float32's
+    MNN or OpenVINO (``descriptor_runtime``), which then runs the batches it ``takes``; MNN's descriptors are float32's
     within 2e-5, so they share the name, OpenVINO's in bfloat16 are not (its ``name_suffix``). Where ``fast``
     fails and onnxruntime takes over, the name becomes float32's."""
 

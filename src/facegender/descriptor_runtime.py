@@ -1,4 +1,5 @@
-"""dlib's descriptor network on MNN, where it runs faster than on onnxruntime (or on OpenVINO, where asked for).
+"""dlib's descriptor network on a runtime other than onnxruntime: MNN, where it runs faster there, or OpenVINO,
+where asked for (``FACEGENDER_DESCRIPTOR_RUNTIME``).
 
 The network is a ResNet of 3x3 convolutions. onnxruntime computes them directly, at about an AVX2 core's float32
 peak; MNN computes them with Winograd transforms, which need fewer multiplications for the same result (descriptors
