@@ -110,6 +110,28 @@ def test_a_large_photo_reports_boxes_in_its_own_pixels(detector):
     assert face.box[2] - face.box[0] > 200  # unscaled, it would be under 1280/3200 of that
 
 
+def test_a_photo_upside_down_has_its_face_found_and_its_eyes_placed(detector, monkeypatch):
+    """BlazeFace's passes find few faces upside down; where they find none, the photo turned 180 degrees is
+    looked at too, and the face comes back in the photo's own pixels, its landmarks those of the upright face."""
+    from facegender import detect
+
+    upright = portraits(6)
+    turned = [p.transpose(Image.Transpose.ROTATE_180) for p in upright]
+    monkeypatch.setattr(detect, "LOOK_TURNED", False)
+    missed = [i for i, p in enumerate(turned) if not detector.detect(p)]
+    assert missed  # the set holds faces the upright search alone misses
+    monkeypatch.setattr(detect, "LOOK_TURNED", True)
+    for i in missed:
+        (face,) = detector.detect(turned[i])
+        (reference,) = detector.detect(upright[i])
+        w, h = upright[i].size
+        turn = lambda p: (w - p[0], h - p[1])  # noqa: E731
+        eye_distance = abs(reference.left_eye[0] - reference.right_eye[0])
+        for got, want in ((face.left_eye, reference.left_eye), (face.right_eye, reference.right_eye)):
+            assert abs(got[0] - turn(want)[0]) < 0.1 * eye_distance and abs(got[1] - turn(want)[1]) < 0.1 * eye_distance
+        assert face.left_eye[0] > face.right_eye[0] and face.left_eye[1] > face.box[1] + (face.box[3] - face.box[1]) / 2
+
+
 def test_a_blank_image_has_no_face(detector):
     assert detector.detect(Image.new("RGB", (300, 200), (128, 128, 128))) == []
     assert detector.detect(Image.new("L", (50, 50))) == []

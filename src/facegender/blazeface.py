@@ -175,9 +175,16 @@ class BlazeFace:
     def _outputs(self, image: Image.Image, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """One run on ``image`` letterboxed at ``side``: its regressions, score logits and anchor centres, and
         the input's pixels per image pixel (``decode``'s first four arguments)."""
-        tensor, k = letterbox(image, side, reuse=True)
+        return self._run(*letterbox(image, side, reuse=True))
+
+    def _run(self, tensor: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         raw_boxes, raw_scores = self.session(tensor.shape[2:]).run(None, {"input": tensor})
         return raw_boxes[0], raw_scores[0, :, 0], anchors(self.network, *tensor.shape[2:]), k
+
+    def detect_input(self, tensor: np.ndarray, k: float, min_score: float | None = None) -> list[Detection]:
+        """``detect`` of an input made already (``letterbox``'s, or one made from it): the 1 x 3 x H x W tensor
+        and its input pixels per image pixel. Detections in the pixels of the image it shows."""
+        return decode(*self._run(tensor, k), self.min_score if min_score is None else min_score)
 
     def detect_doubting(self, image: Image.Image, doubtful: float) -> tuple[list[Detection], list[Detection]]:
         """``detect(image)``'s faces, and apart from them what scores from ``doubtful`` up to this detector's

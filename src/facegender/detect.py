@@ -35,6 +35,7 @@ from .blazeface import (
     RIGHT_EYE,
     BlazeFace,
     Detection,
+    letterbox,
     merge,
 )
 from .io import UserError
@@ -104,6 +105,10 @@ SMALLEST_FACE = 32  # px: in an image whose shorter side is less, BlazeFace took
 # A BlazeFace miss is retried on a copy padded by this share of the longer side: on the UTKFace chips it
 # missed, half the side found more faces than a quarter.
 BLAZEFACE_RETRY_PAD = 0.5
+# Where no pass finds a face, the short-range network's first pass looks at the photo turned 180 degrees, for a
+# photo stored upside down without an EXIF tag that says so (BlazeFace finds most faces tilted up to 90 degrees
+# either way, few upside down): one 128 px pass more, on photos without a face only.
+LOOK_TURNED = True
 # The passes' detections are merged by their own boxes (``blazeface.merge``), yet two of them can still be one face:
 # each pass boxes it its own way (in a tilted photo the 128 px pass boxed a small face with the white portrait
 # around it, IoU 0.25 with the larger pass's box), and the landmarks placed in each box then frame it twice,
@@ -295,7 +300,8 @@ class FaceDetector:
         gets a second look at a window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
-        MediaPipe's 0.5."""
+        MediaPipe's 0.5. Where all of that finds none, the first pass looks at the photo turned 180 degrees
+        (LOOK_TURNED)."""
         short = self._networks["short"]
         longer = max(rgb.size)
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
@@ -335,6 +341,12 @@ class FaceDetector:
             score = MIN_SCORE if self.min_score is None else self.min_score
             found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
                              for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
+        if not any(found) and LOOK_TURNED:
+            # the first pass's input turned, not the photo: a copy of 128 px, where the photo is hundreds
+            tensor, k_in = letterbox(base, NETWORKS["short"].side)
+            height, width = tensor.shape[2:]  # its black margin, right and bottom, comes to the top and left
+            found = [[(_scaled_detection(_turned_back(d, width / k_in, height / k_in), k), "short")
+                      for d in short.detect_input(np.ascontiguousarray(tensor[:, :, ::-1, ::-1]), k_in)]]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         return merge(as_hog)
 
@@ -442,6 +454,13 @@ def _shifted(d, pad: int):
     """A BlazeFace detection in a copy padded by ``pad`` px on every side, in the unpadded image's pixels."""
     x0, y0, x1, y1 = d.box
     return Detection((x0 - pad, y0 - pad, x1 - pad, y1 - pad), d.score, d.keypoints - pad)
+
+
+def _turned_back(d, width: float, height: float):
+    """A BlazeFace detection in a copy of a ``width`` x ``height`` image turned 180 degrees, in the image's pixels."""
+    x0, y0, x1, y1 = d.box
+    return Detection((width - x1, height - y1, width - x0, height - y0), d.score,
+                     np.array([width, height], np.float32) - d.keypoints)
 
 
 def _hog_like(d, network: str):
