@@ -115,11 +115,14 @@ def test_a_photo_upside_down_has_its_face_found_and_its_eyes_placed(detector, mo
     looked at too, and the face comes back in the photo's own pixels, its landmarks those of the upright face."""
     from facegender import detect
 
-    upright = portraits(6)
+    utkface = SHARED / "utkface"
+    if not utkface.is_dir():
+        pytest.skip(f"real data not available: {utkface} is absent (the corpora live in ../shared/data)")
+    upright = [Image.open(p).convert("RGB") for p in sorted(utkface.glob("*.jpg"))[::2000][:6]]
     turned = [p.transpose(Image.Transpose.ROTATE_180) for p in upright]
     monkeypatch.setattr(detect, "LOOK_TURNED", False)
     missed = [i for i, p in enumerate(turned) if not detector.detect(p)]
-    assert missed  # the set holds faces the upright search alone misses
+    assert len(missed) >= 3  # the set holds faces the upright search alone misses (5 of 6 here)
     monkeypatch.setattr(detect, "LOOK_TURNED", True)
     for i in missed:
         (face,) = detector.detect(turned[i])
