@@ -95,6 +95,22 @@ def upright_only() -> Callable[[Image.Image], list[Box]]:
     return run
 
 
+def without_group_pass() -> Callable[[Image.Image], list[Box]]:
+    """The default detector as it was before a small photo of small faces got a pass at its own size."""
+    from facegender import detect
+
+    detector = detect.FaceDetector("blazeface")
+
+    def run(image: Image.Image) -> list[Box]:
+        share, detect.GROUP_FACE_SHARE = detect.GROUP_FACE_SHARE, 0.0
+        try:
+            return [f.box for f in detector.detect(image)]
+        finally:
+            detect.GROUP_FACE_SHARE = share
+
+    return run
+
+
 def network(name: str) -> Callable[[], Callable[[Image.Image], list[Box]]]:
     def make():
         from facegender.blazeface import BlazeFace
@@ -112,6 +128,7 @@ DETECTORS = {
     "blazeface min_face 48": facegender("blazeface", min_face=48),
     "blazeface no second look": without_second_look,
     "blazeface upright only": upright_only,
+    "blazeface no group pass": without_group_pass,
     "net short 128": network("short"),
     "net full 192": network("full"),
 }

@@ -116,6 +116,12 @@ LOOK_TURNED = True
 # suppression does), or shares this much of the smaller box with it, is that face again: the likelier stays.
 # On 150 three-face composites turned by 30 / 45 degrees, 2 / 9 photos had a fourth, duplicate face before.
 SAME_FACE_SHARE = 0.8
+# In a photo under UPSAMPLE_BELOW px whose faces found are all this share of its longer side or less (a group's
+# thumbnail), one more pass runs at the photo's own size. On 240x160 photos of 2-4 faces of 40-64 px
+# (benchmarks/detectors.py) the first pass had found at least one face in every photo, 72.4% of them in all; the
+# faces it found were 10-22% of the side, where a single face's crop or portrait had 27% and more (the rotated
+# sets' canvases, grown to hold the turned image: 19% and more).
+GROUP_FACE_SHARE = 0.3
 # BlazeFace's square box, as dlib's HOG box (which the landmark model and the canonical crop were made with):
 # same centre lowered by this fraction of the side, side scaled by this (medians over 450 faces of the
 # three corpora that both detectors found).
@@ -296,7 +302,8 @@ class FaceDetector:
         their landmarks are placed: the short-range network at its own 128 px (faces of a fifth of the image
         and more) and, where the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
         ``smallest`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
-        where the first pass found nothing). Every pass reads one resized copy. What a larger pass doubts
+        where the first pass found nothing or only a group's small faces: then at the photo's own size). Every
+        pass reads one resized copy. What a larger pass doubts
         gets a second look at a window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
@@ -322,8 +329,12 @@ class FaceDetector:
         else:
             first = [_scaled_detection(d, k) for d in short.detect(base)]
         found = [[(d, "short") for d in first]]
-        # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones
-        if not (small and found[0]):
+        # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones,
+        # unless its faces are those of a group
+        grouped = small and bool(first) and max(map(_side, first)) <= GROUP_FACE_SHARE * longer
+        if grouped:
+            sides = [sides[0], -(-longer // MULTIPLE) * MULTIPLE]  # the photo at its own size, rounded up
+        if not (small and found[0]) or grouped:
             score = DOUBTFUL_SCORE if self.min_score is None else self.min_score
             larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score)] for side in sides[1:]]
             if self.min_score is None:
