@@ -63,52 +63,25 @@ def facegender(kind: str, **options) -> Callable[[], Callable[[Image.Image], lis
     return make
 
 
-def without_second_look() -> Callable[[Image.Image], list[Box]]:
-    """The default detector as it was before the second look: what a larger pass scores under 0.7 is dropped."""
-    from facegender import detect
+def patched(constant: str, value) -> Callable[[], Callable[[Image.Image], list[Box]]]:
+    """The default detector with ``facegender.detect``'s ``constant`` set to ``value`` (or to ``value(detect)``)
+    while it runs: the detector as it was before the change that constant makes."""
+    def make():
+        from facegender import detect
 
-    detector = detect.FaceDetector("blazeface")
+        detector = detect.FaceDetector("blazeface")
 
-    def run(image: Image.Image) -> list[Box]:
-        doubtful, detect.DOUBTFUL_SCORE = detect.DOUBTFUL_SCORE, detect.LARGER_PASS_MIN_SCORE
-        try:
-            return [f.box for f in detector.detect(image)]
-        finally:
-            detect.DOUBTFUL_SCORE = doubtful
+        def run(image: Image.Image) -> list[Box]:
+            kept = getattr(detect, constant)
+            setattr(detect, constant, value(detect) if callable(value) else value)
+            try:
+                return [f.box for f in detector.detect(image)]
+            finally:
+                setattr(detect, constant, kept)
 
-    return run
+        return run
 
-
-def upright_only() -> Callable[[Image.Image], list[Box]]:
-    """The default detector as it was before it looked at a photo without a face turned 180 degrees."""
-    from facegender import detect
-
-    detector = detect.FaceDetector("blazeface")
-
-    def run(image: Image.Image) -> list[Box]:
-        detect.LOOK_TURNED = False
-        try:
-            return [f.box for f in detector.detect(image)]
-        finally:
-            detect.LOOK_TURNED = True
-
-    return run
-
-
-def without_group_pass() -> Callable[[Image.Image], list[Box]]:
-    """The default detector as it was before a small photo of small faces got a pass at its own size."""
-    from facegender import detect
-
-    detector = detect.FaceDetector("blazeface")
-
-    def run(image: Image.Image) -> list[Box]:
-        share, detect.GROUP_FACE_SHARE = detect.GROUP_FACE_SHARE, 0.0
-        try:
-            return [f.box for f in detector.detect(image)]
-        finally:
-            detect.GROUP_FACE_SHARE = share
-
-    return run
+    return make
 
 
 def network(name: str) -> Callable[[], Callable[[Image.Image], list[Box]]]:
@@ -126,9 +99,12 @@ DETECTORS = {
     "blazeface": facegender("blazeface"),
     "blazeface min_face 32": facegender("blazeface", min_face=32),
     "blazeface min_face 48": facegender("blazeface", min_face=48),
-    "blazeface no second look": without_second_look,
-    "blazeface upright only": upright_only,
-    "blazeface no group pass": without_group_pass,
+    # before the second look: what a larger pass scores under 0.7 is dropped
+    "blazeface no second look": patched("DOUBTFUL_SCORE", lambda detect: detect.LARGER_PASS_MIN_SCORE),
+    # before a photo without a face was looked at turned 180 degrees
+    "blazeface upright only": patched("LOOK_TURNED", False),
+    # before a small photo of small faces got a pass at its own size
+    "blazeface no group pass": patched("GROUP_FACE_SHARE", 0.0),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }
