@@ -20,6 +20,13 @@ def detector() -> FaceDetector:
     return FaceDetector()
 
 
+def utkface_paths() -> list[Path]:
+    utkface = SHARED / "utkface"
+    if not utkface.is_dir():
+        pytest.skip(f"real data not available: {utkface} is absent (the corpora live in ../shared/data)")
+    return sorted(utkface.glob("*.jpg"))
+
+
 def portraits(n: int) -> list[Image.Image]:
     if not SCUT.is_dir():
         pytest.skip(f"real data not available: {SCUT} is absent (the corpora live in ../shared/data)")
@@ -98,10 +105,7 @@ def test_a_group_thumbnail_of_small_faces_gets_a_pass_at_its_own_size(detector, 
     a group's (GROUP_FACE_SHARE of the photo's side or less), a pass at the photo's own size finds the rest."""
     from facegender import detect
 
-    utkface = SHARED / "utkface"
-    if not utkface.is_dir():
-        pytest.skip(f"real data not available: {utkface} is absent (the corpora live in ../shared/data)")
-    paths, rng, photos = sorted(utkface.glob("*.jpg"))[::500], random.Random(3), []
+    paths, rng, photos = utkface_paths()[::500], random.Random(3), []
     for _ in range(30):
         canvas, places = Image.new("RGB", (240, 160), (128, 128, 128)), []
         for j, path in enumerate(rng.sample(paths, 4)):
@@ -139,10 +143,7 @@ def test_a_photo_upside_down_has_its_face_found_and_its_eyes_placed(detector, mo
     looked at too, and the face comes back in the photo's own pixels, its landmarks those of the upright face."""
     from facegender import detect
 
-    utkface = SHARED / "utkface"
-    if not utkface.is_dir():
-        pytest.skip(f"real data not available: {utkface} is absent (the corpora live in ../shared/data)")
-    upright = [Image.open(p).convert("RGB") for p in sorted(utkface.glob("*.jpg"))[::2000][:6]]
+    upright = [Image.open(p).convert("RGB") for p in utkface_paths()[::2000][:6]]
     turned = [p.transpose(Image.Transpose.ROTATE_180) for p in upright]
     monkeypatch.setattr(detect, "LOOK_TURNED", False)
     missed = [i for i, p in enumerate(turned) if not detector.detect(p)]
