@@ -5,6 +5,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -119,6 +120,40 @@ def test_a_group_thumbnail_of_small_faces_gets_a_pass_at_its_own_size(detector, 
     for canvas, places in photos:
         faces = detector.detect(canvas)
         assert len(faces) == 4 and all(sum(centre_inside(f, p) for f in faces) == 1 for p in places)
+
+
+def shuffled_tiles(path: Path, rng: random.Random, size=(240, 160), tile: int = 16) -> Image.Image:
+    """A photo cut into tiles and shuffled: its colours and textures, pieces of its face, and no face."""
+    a = np.asarray(Image.open(path).convert("RGB").resize(size, Image.BILINEAR))
+    tiles = [a[y:y + tile, x:x + tile] for y in range(0, size[1], tile) for x in range(0, size[0], tile)]
+    rng.shuffle(tiles)
+    rows = [np.concatenate(tiles[i:i + size[0] // tile], axis=1) for i in range(0, len(tiles), size[0] // tile)]
+    return Image.fromarray(np.ascontiguousarray(np.concatenate(rows, axis=0)))
+
+
+def test_a_thumbnail_without_a_face_keeps_no_retry_box_whose_eyes_dlib_places_elsewhere(detector, monkeypatch):
+    """In small face-less photos of shuffled face pieces the padded retry's full-range network sees faces; dlib's
+    landmarks put their eyes elsewhere (RETRY_EYES_WITHIN), and they are dropped. The tight crops whose faces
+    only the retry finds keep them."""
+    from facegender import detect
+
+    celeba = SHARED / "celeba" / "img"
+    if not celeba.is_dir():
+        pytest.skip(f"real data not available: {celeba} is absent (the corpora live in ../shared/data)")
+    rng = random.Random(5)
+    empty = [shuffled_tiles(p, rng) for p in rng.sample(sorted(celeba.glob("1*.jpg")), 40)]
+    crops = [Image.open(p).convert("RGB") for p in utkface_paths()[::40]]
+    within = detect.RETRY_EYES_WITHIN
+    monkeypatch.setattr(detect, "RETRY_EYES_WITHIN", None)
+    unchecked = [len(detector.detect(image)) for image in empty]
+    found = [[f.box for f in detector.detect(image)] for image in crops]
+    monkeypatch.setattr(detect, "RETRY_EYES_WITHIN", within)
+    assert sum(unchecked) >= 8  # the retry took shuffled pieces for faces (20 here)
+    assert sum(len(detector.detect(image)) for image in empty) <= sum(unchecked) // 4  # 2 here
+    checks, agree = [], detect._eyes_agree
+    monkeypatch.setattr(detect, "_eyes_agree", lambda *args: checks.append(agree(*args)) or checks[-1])
+    assert [[f.box for f in detector.detect(image)] for image in crops] == found
+    assert len(checks) >= 2 and all(checks)  # crops whose faces the full-range network found in the retry (4 here)
 
 
 def test_a_face_framed_twice_keeps_its_likelier_frame():
