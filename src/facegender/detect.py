@@ -113,10 +113,10 @@ LOOK_TURNED = True
 # the eyes within this many eye distances of the network's own (None: kept whatever they say). On 100 face-less
 # 240x160 photos of shuffled 16 px tiles of face photos (benchmarks/detectors.py) the retry's boxes, 37 before
 # merging, were all the full-range network's, their eyes 0.19-8.2 eye distances from dlib's, 1 within 0.3 (false
-# boxes 0.39 a photo before the check, 0.05 after). On the 46,500 corpus
-# images the retry found faces in 327; for 95% of the full-range network's 243 boxes there the two agreed within
-# 0.23, and one image lost its only face (a blurred close-up: 0.76). The short-range network's boxes made none of
-# the false boxes and agree less (0.40 at the 95th percentile): checking them too lost the faces of 26 images.
+# boxes 0.39 a photo before the check, 0.05 after). On the 46,500 corpus images the retry found faces in 327; for
+# 95% of the full-range network's 243 boxes there the two agreed within 0.23, and one image lost its only face (a
+# blurred close-up: 0.76). The short-range network's boxes made none of the false boxes and agree less (0.40 at
+# the 95th percentile): checking them too lost the faces of 26 images.
 RETRY_EYES_WITHIN = 0.3
 # The passes' detections are merged by their own boxes (``blazeface.merge``), yet two of them can still be one face:
 # each pass boxes it its own way (in a tilted photo the 128 px pass boxed a small face with the white portrait
