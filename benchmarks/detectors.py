@@ -105,8 +105,9 @@ DETECTORS = {
     "blazeface upright only": patched("LOOK_TURNED", False),
     # before a small photo of small faces got a pass at its own size
     "blazeface no group pass": patched("GROUP_FACE_SHARE", 0.0),
-    # before the full-range network's finds in the padded retry had to have their eyes where dlib's landmarks put them
-    "blazeface retry unchecked": patched("RETRY_EYES_WITHIN", None),
+    # before what the padded retry's full-range network and the turned look find had to have its eyes where dlib's
+    # landmarks put them
+    "blazeface fallbacks unchecked": patched("FALLBACK_EYES_WITHIN", None),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }

@@ -131,10 +131,10 @@ def shuffled_tiles(path: Path, rng: random.Random, size=(240, 160), tile: int = 
     return Image.fromarray(np.ascontiguousarray(np.concatenate(rows, axis=0)))
 
 
-def test_a_thumbnail_without_a_face_keeps_no_retry_box_whose_eyes_dlib_places_elsewhere(detector, monkeypatch):
-    """In small face-less photos of shuffled face pieces the padded retry's full-range network sees faces; dlib's
-    landmarks put their eyes elsewhere (RETRY_EYES_WITHIN), and they are dropped. The tight crops whose faces
-    only the retry finds keep them."""
+def test_a_thumbnail_without_a_face_keeps_no_fallback_box_whose_eyes_dlib_places_elsewhere(detector, monkeypatch):
+    """In small face-less photos of shuffled face pieces the last looks (the padded retry's full-range network, the
+    turned look) see faces; dlib's landmarks put their eyes elsewhere (FALLBACK_EYES_WITHIN), and they are dropped.
+    The tight crops whose faces the retry's full-range network finds keep them."""
     from facegender import detect
 
     celeba = SHARED / "celeba" / "img"
@@ -143,17 +143,17 @@ def test_a_thumbnail_without_a_face_keeps_no_retry_box_whose_eyes_dlib_places_el
     rng = random.Random(5)
     empty = [shuffled_tiles(p, rng) for p in rng.sample(sorted(celeba.glob("1*.jpg")), 40)]
     crops = [Image.open(p).convert("RGB") for p in utkface_paths()[::40]]
-    within = detect.RETRY_EYES_WITHIN
-    monkeypatch.setattr(detect, "RETRY_EYES_WITHIN", None)
+    within = detect.FALLBACK_EYES_WITHIN
+    monkeypatch.setattr(detect, "FALLBACK_EYES_WITHIN", None)
     unchecked = [len(detector.detect(image)) for image in empty]
     found = [[f.box for f in detector.detect(image)] for image in crops]
-    monkeypatch.setattr(detect, "RETRY_EYES_WITHIN", within)
-    assert sum(unchecked) >= 8  # the retry took shuffled pieces for faces (20 here)
+    monkeypatch.setattr(detect, "FALLBACK_EYES_WITHIN", within)
+    assert sum(unchecked) >= 8  # the last looks took shuffled pieces for faces (20 here)
     assert sum(len(detector.detect(image)) for image in empty) <= sum(unchecked) // 4  # 2 here
     checks, agree = [], detect._eyes_agree
     monkeypatch.setattr(detect, "_eyes_agree", lambda *args: checks.append(agree(*args)) or checks[-1])
     assert [[f.box for f in detector.detect(image)] for image in crops] == found
-    assert len(checks) >= 2 and all(checks)  # crops whose faces the full-range network found in the retry (4 here)
+    assert len(checks) >= 2 and all(checks)  # crops whose faces the retry's full-range network found (4 here)
 
 
 def test_a_face_framed_twice_keeps_its_likelier_frame():

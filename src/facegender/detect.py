@@ -109,15 +109,19 @@ BLAZEFACE_RETRY_PAD = 0.5
 # photo stored upside down without an EXIF tag that says so (BlazeFace finds most faces tilted up to 90 degrees
 # either way, few upside down): one 128 px pass more, on photos without a face only.
 LOOK_TURNED = True
-# What the full-range network finds in the padded retry is kept only where dlib's landmarks, placed in its box, put
-# the eyes within this many eye distances of the network's own (None: kept whatever they say). On 100 face-less
-# 240x160 photos of shuffled 16 px tiles of face photos (benchmarks/detectors.py) the retry's boxes, 37 before
-# merging, were all the full-range network's, their eyes 0.19-8.2 eye distances from dlib's, 1 within 0.3 (false
-# boxes 0.39 a photo before the check, 0.05 after). On the 46,500 corpus images the retry found faces in 327; for
-# 95% of the full-range network's 243 boxes there the two agreed within 0.23, and one image lost its only face (a
-# blurred close-up: 0.76). The short-range network's boxes made none of the false boxes and agree less (0.40 at
-# the 95th percentile): checking them too lost the faces of 26 images.
-RETRY_EYES_WITHIN = 0.3
+# What the last two looks at a photo in which nothing else was found find (the padded retry's full-range network,
+# the turned look) stays only where dlib's landmarks, placed in its box, put the eyes within this many eye distances
+# of the network's own (None: kept whatever they say). Chosen on 100 face-less 240x160 photos of shuffled 16 px
+# tiles of face photos (benchmarks/detectors.py), where the padded retry's boxes, 37 before merging, were all the
+# full-range network's, 1 within 0.3 (0.19-8.2): 0.39 false boxes a photo before, 0.05 after. On 400 others (the
+# benchmark's --images 800 photos) the retry's check took 0.435 to 0.102, and the turned look's as well to 0.080
+# (640x480: 0.035 to 0.018). On the 46,500 corpus images 99% of the full-range network's 243 boxes in the retry
+# agreed within 0.39 (one image lost its only face, a blurred close-up: 0.76), and the turned look's 47 faces of
+# the upside-down set within 0.22. Not checked: the short-range network's boxes in the retry, which agree less on
+# tight crops (0.40 at the 95th percentile; checking them lost the faces of 26 of the 327 corpus images whose faces
+# the retry finds), and the full-range network's first look at a small photo (checking it took the held-out
+# thumbnails to 0.062 but lost 2 of 312 faces in 240x160 group photos, whose small faces agree less).
+FALLBACK_EYES_WITHIN = 0.3
 # The passes' detections are merged by their own boxes (``blazeface.merge``), yet two of them can still be one face:
 # each pass boxes it its own way (in a tilted photo the 128 px pass boxed a small face with the white portrait
 # around it, IoU 0.25 with the larger pass's box), and the landmarks placed in each box then frame it twice,
@@ -318,10 +322,11 @@ class FaceDetector:
         gets a second look at a window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
-        MediaPipe's 0.5, the full-range network's only where its eyes are where dlib's landmarks put them
-        (``eyes_agree``: RETRY_EYES_WITHIN). Where all of that finds none, the first pass looks at the photo turned 180 degrees
-        (LOOK_TURNED)."""
+        MediaPipe's 0.5. Where all of that finds none, the first pass looks at the photo turned 180 degrees
+        (LOOK_TURNED). What the full-range network finds in the padded copy and what the turned look finds stay
+        only where their eyes are where dlib's landmarks put them (``eyes_agree``: FALLBACK_EYES_WITHIN)."""
         short = self._networks["short"]
+        checked = lambda d: FALLBACK_EYES_WITHIN is None or eyes_agree(d)  # for the last two looks
         longer = max(rgb.size)
         if min(rgb.size) < SMALLEST_FACE:  # enlarged to the networks' input, noise can pass for a face
             return []
@@ -364,14 +369,14 @@ class FaceDetector:
             score = MIN_SCORE if self.min_score is None else self.min_score
             found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
                              for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
-            if RETRY_EYES_WITHIN is not None:
-                found = [[(d, network) for d, network in found[0] if network == "short" or eyes_agree(d)]]
+            found = [[(d, network) for d, network in found[0] if network == "short" or checked(d)]]
         if not any(found) and LOOK_TURNED:
             # the first pass's input turned, not the photo: a copy of 128 px, where the photo is hundreds
             tensor, k_in = letterbox(base, NETWORKS["short"].side)
             height, width = tensor.shape[2:]  # its black margin, right and bottom, comes to the top and left
-            found = [[(_scaled_detection(_turned_back(d, width / k_in, height / k_in), k), "short")
-                      for d in short.detect_input(np.ascontiguousarray(tensor[:, :, ::-1, ::-1]), k_in)]]
+            turned = (_scaled_detection(_turned_back(d, width / k_in, height / k_in), k)
+                      for d in short.detect_input(np.ascontiguousarray(tensor[:, :, ::-1, ::-1]), k_in))
+            found = [[(d, "short") for d in turned if checked(d)]]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         return merge(as_hog)
 
@@ -443,11 +448,11 @@ def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detec
 
 
 def _eyes_agree(rgb: Image.Image, pixels: Callable[[], np.ndarray], landmarks, dlib, d: Detection) -> bool:
-    """Whether dlib's eyes for a full-range BlazeFace detection lie within RETRY_EYES_WITHIN eye distances of its own."""
+    """Whether dlib's eyes for a BlazeFace detection lie within FALLBACK_EYES_WITHIN eye distances of its own."""
     face = _landmarked(rgb, pixels, d, landmarks, dlib)
     right, left = d.keypoints[RIGHT_EYE], d.keypoints[LEFT_EYE]  # the person's: image-left, image-right
     apart = max(1.0, math.dist(right, left))
-    return max(math.dist(face.left_eye, right), math.dist(face.right_eye, left)) <= RETRY_EYES_WITHIN * apart
+    return max(math.dist(face.left_eye, right), math.dist(face.right_eye, left)) <= FALLBACK_EYES_WITHIN * apart
 
 
 def _with_landmarks(box, score: float, pts: list[tuple[float, float]]) -> Face:
