@@ -193,6 +193,9 @@ def test_a_photo_upside_down_has_its_face_found_and_its_eyes_placed(detector, mo
         for got, want in ((face.left_eye, reference.left_eye), (face.right_eye, reference.right_eye)):
             assert abs(got[0] - turn(want)[0]) < 0.1 * eye_distance and abs(got[1] - turn(want)[1]) < 0.1 * eye_distance
         assert face.left_eye[0] > face.right_eye[0] and face.left_eye[1] > face.box[1] + (face.box[3] - face.box[1]) / 2
+    # what the turned look finds passes the eye check (above) and goes through it: refused there, the face is gone
+    monkeypatch.setattr(detect, "_eyes_agree", lambda *args: False)
+    assert not any(detector.detect(turned[i]) for i in missed)
 
 
 def test_a_blank_image_has_no_face(detector):
