@@ -24,7 +24,7 @@ thread. Detectors: the project's two (``FaceDetector``: landmarks included), the
 look at what its larger passes doubt (as it was before it), and, for reference, BlazeFace's two networks run
 alone at their own input size (no landmarks, no second pass).
 Usage:
-    python benchmarks/detectors.py [--images 200] [--detectors hog blazeface ...]
+    python benchmarks/detectors.py [--images 200] [--detectors hog blazeface ...] [--sets "no face" ...]
 """
 from __future__ import annotations
 
@@ -258,9 +258,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="images per set (half that for small faces, "
                                                                "a quarter for composites)")
     parser.add_argument("--detectors", nargs="*", default=list(DETECTORS), choices=list(DETECTORS))
+    parser.add_argument("--sets", nargs="*", metavar="TEXT",
+                        help="run only the sets whose names hold one of these (all are still built, so each set is "
+                             "the same photos as in a run of them all)")
     args = parser.parse_args()
 
     sets = build_sets(args.images)
+    if args.sets:
+        sets = {name: cases for name, cases in sets.items() if any(text in name for text in args.sets)}
+        if not sets:
+            raise SystemExit(f"benchmark: no set's name holds any of {args.sets}")
     detectors = {}
     for name in args.detectors:
         detect = DETECTORS[name]()
@@ -289,7 +296,8 @@ def main() -> None:
             cells.append(f"{recall:>16} {false / len(cases):6.3f} {1000 * seconds / len(cases):6.1f}")
         print(f"{set_name:{width}} {faces:5d}  " + "  ".join(f"{c:>34}" for c in cells), flush=True)
     print(f"{'all sets':{width}} {sum(len(c.faces) for cs in sets.values() for c in cs):5d}  " + "  ".join(
-        f"{t[0] / t[1]:>16.1%} {t[2] / images:6.3f} {1000 * t[3] / images:6.1f}".rjust(34) for t in totals.values()))
+        f"{f'{t[0] / t[1]:.1%}' if t[1] else '-':>16} {t[2] / images:6.3f} {1000 * t[3] / images:6.1f}".rjust(34)
+        for t in totals.values()))
 
 
 if __name__ == "__main__":
