@@ -16,7 +16,10 @@ knows where its faces are:
 - groups in small photos: 2-4 such faces of 40-64 px (the default smallest face and up) on a 240x160
   background, as in a group photo's thumbnail;
 - upside down: the rotated sets' upright faces and the composites, turned 180 degrees;
-- no face: the backgrounds alone, 640x480 and 240x160 (what a detector finds there is all false boxes).
+- no face: the backgrounds alone, 640x480 and 240x160 (what a detector finds there is all false boxes);
+- cut by the edge: one UTKFace chip of 100-400 px on a 640x480 background with 20% or 35% of its side beyond
+  one of the photo's edges (a person at the side of a group photo, a close-up's chin out of the frame); a box
+  centred in the part inside the photo finds it.
 
 A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
 and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
@@ -108,6 +111,8 @@ DETECTORS = {
     # before what the padded retry's full-range network and the turned look find had to have its eyes where dlib's
     # landmarks put them
     "blazeface fallbacks unchecked": patched("FALLBACK_EYES_WITHIN", None),
+    # before a box that reaches the photo's edge got a second look from a lower score
+    "blazeface no edge look": patched("EDGE_DOUBTFUL_SCORE", None),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }
@@ -177,6 +182,21 @@ def pasted(faces: list[Path], backgrounds: list[Path], count: int, sizes: tuple[
     return cases
 
 
+def cut_by_edge(faces: list[Path], backgrounds: list[Path], count: int, share: float, rng: random.Random) -> list[Case]:
+    """One face of 100-400 px on a shuffled 640x480 background, ``share`` of its side beyond a random edge."""
+    cases = []
+    for _ in range(count):
+        canvas = background(rng.choice(backgrounds), rng)
+        side = rng.randint(100, 400)
+        out = round(share * side)
+        x, y = rng.randint(0, canvas.width - side), rng.randint(0, canvas.height - side)
+        x, y = {"left": (-out, y), "right": (canvas.width - side + out, y), "top": (x, -out),
+                "bottom": (x, canvas.height - side + out)}[rng.choice(("left", "right", "top", "bottom"))]
+        canvas.paste(rgb(rng.choice(faces)).resize((side, side), Image.BICUBIC), (x, y))
+        cases.append(Case(canvas, [(max(0, x), max(0, y), min(canvas.width, x + side), min(canvas.height, y + side))]))
+    return cases
+
+
 def profile_leaning(paths: list[Path], count: int) -> list[Case]:
     """The UTKFace chips whose nose is furthest (in eye distances) from the middle of the eyes, placed by
     dlib's 5-point model in the middle 70% of the chip: the chips are aligned, so no detector chooses."""
@@ -231,6 +251,10 @@ def build_sets(n: int) -> dict[str, list[Case]]:
     sets["no face, 640x480"] = pasted(chips, backgrounds, max(1, n // 2), (0, 0), empty, per_image=(0, 0))
     sets["no face, 240x160"] = pasted(chips, backgrounds, max(1, n // 2), (0, 0), empty, per_image=(0, 0),
                                       size=(240, 160), tile=16)
+    # faces the photo's edge cuts, from a generator of their own too
+    cut = random.Random(8)
+    for share in (0.2, 0.35):
+        sets[f"cut {share:.0%} by the edge"] = cut_by_edge(chips, backgrounds, max(1, n // 2), share, cut)
     return sets
 
 

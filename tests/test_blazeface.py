@@ -226,6 +226,57 @@ def test_a_second_look_scores_each_window_alone_however_many_share_a_run(detecto
     assert min(together[::2]) >= detect.SECOND_LOOK_MIN_SCORE > max(together[1::2])  # the faces, then beside them
 
 
+def faces_cut_by_the_edge(share: float) -> list[tuple[Image.Image, tuple[int, int, int, int]]]:
+    """16 640x480 photos, each with a UTKFace chip of 140-380 px ``share`` of whose side lies beyond one of the
+    photo's edges (four of each edge), on a grey-green ground; with the part of it inside the photo."""
+    chips = sorted(shared("utkface").glob("*.jpg"))[::1300][:16]
+    photos = []
+    for i, path in enumerate(chips):
+        side = 140 + 16 * i
+        out = round(share * side)
+        x, y = 100 + 7 * i, 40 + 3 * i
+        x, y = ((-out, y), (640 - side + out, y), (x, -out), (x, 480 - side + out))[i % 4]
+        canvas = Image.new("RGB", (640, 480), (110, 120, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
+        photos.append((canvas, (max(0, x), max(0, y), min(640, x + side), min(480, y + side))))
+    return photos
+
+
+def test_faces_the_photos_edge_cuts_are_found_by_a_second_look_beyond_it(monkeypatch):
+    """A third of a face beyond the photo's edge: the passes score it under their thresholds; a box that reaches
+    the edge gets a second look whose window repeats the edge pixels, which finds most such faces, and nothing in
+    photos without one."""
+    photos = faces_cut_by_the_edge(0.35)
+    detector = FaceDetector()
+
+    def found() -> tuple[int, int]:
+        hits = false = 0
+        for photo, (x0, y0, x1, y1) in photos:
+            centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in detector.detect(photo)]
+            inside = sum(x0 < cx < x1 and y0 < cy < y1 for cx, cy in centres)
+            hits, false = hits + min(1, inside), false + len(centres) - min(1, inside)
+        return hits, false
+
+    looked, false = found()
+    monkeypatch.setattr(detect, "EDGE_DOUBTFUL_SCORE", None)
+    plain, false_plain = found()
+    assert false == false_plain == 0
+    assert looked >= 8 and looked >= plain + 3  # 10 of 16 against 5 when measured
+
+
+def test_a_window_beyond_the_photos_edge_repeats_the_edge_pixels():
+    photo = portraits(1)[0].resize((400, 400), Image.BICUBIC)
+    side = detect.SECOND_LOOK_SIDE
+    inside = blazeface._window(photo, (50, 60, 250, 260), side)
+    assert np.array_equal(np.asarray(inside), np.asarray(photo.crop((50, 60, 250, 260)).resize((side, side), Image.BILINEAR)))
+    beyond = np.asarray(blazeface._window(photo, (-100, -50, 100, 150), side)).astype(int)
+    left, top = round(100 * side / 200), round(50 * side / 200)
+    assert beyond.shape == (side, side, 3)
+    assert (beyond[:, :left] == beyond[:, left:left + 1]).all() and (beyond[:top] == beyond[top:top + 1]).all()
+    expected = np.asarray(photo.crop((0, 0, 100, 150)).resize((side - left, side - top), Image.BILINEAR))
+    assert np.array_equal(beyond[top:, left:], expected)
+
+
 @pytest.mark.parametrize("min_face", [20, 32, 40, 64, 100, None])
 def test_passes_grow_in_bounded_steps_to_the_input_that_shows_min_face(min_face):
     for longer in (200, 399, 640, 800, 1280, 4000):

@@ -186,17 +186,19 @@ class BlazeFace:
         and its input pixels per image pixel. Detections in the pixels of the image it shows."""
         return decode(*self._run(tensor, k), self.min_score if min_score is None else min_score)
 
-    def detect_doubting(self, image: Image.Image, doubtful: float) -> tuple[list[Detection], list[Detection]]:
-        """``detect(image)``'s faces, and apart from them what scores from ``doubtful`` up to this detector's
-        threshold (suppressed among themselves) and overlaps none of them by more than NMS_IOU: candidates for a
-        second look. One run; the first list is exactly ``detect``'s."""
-        raw_boxes, logits, centres, k = self._outputs(image, self.spec.side)
-        sure = decode(raw_boxes, logits, centres, k, self.min_score)
-        if doubtful >= self.min_score:
+    def detect_doubting(self, image: Image.Image, doubtful: float, side: int | None = None,
+                        min_score: float | None = None) -> tuple[list[Detection], list[Detection]]:
+        """``detect(image, side, min_score)``'s faces, and apart from them what scores from ``doubtful`` up to
+        ``min_score`` (suppressed among themselves) and overlaps none of them by more than NMS_IOU: candidates
+        for a second look. One run; the first list is exactly ``detect``'s."""
+        min_score = self.min_score if min_score is None else min_score
+        raw_boxes, logits, centres, k = self._outputs(image, side or self.spec.side)
+        sure = decode(raw_boxes, logits, centres, k, min_score)
+        if doubtful >= min_score:
             return sure, []
         # the anchors under the threshold, less those on a face already found (most of them, in a portrait),
         # suppressed among themselves
-        band = (logits > logit(doubtful)) & (logits <= logit(self.min_score))
+        band = (logits > logit(doubtful)) & (logits <= logit(min_score))
         if not band.any():
             return sure, []
         boxes, points, scores = candidates(raw_boxes[band], logits[band], centres[band], k, doubtful)
@@ -205,25 +207,30 @@ class BlazeFace:
             apart &= iou(np.array(d.box), boxes) <= NMS_IOU
         return sure, weighted_nms(boxes[apart], points[apart], scores[apart]) if apart.any() else []
 
-    def second_look(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
+    def second_look(self, image: Image.Image, detections: list[Detection], window: float, side: int,
+                    repeat_edges: bool = False) -> list[float]:
         """Each detection's score when the network sees it larger: a square ``window`` times the detection's
-        longer side, centred on it and cut from ``image`` (black beyond its edges), resized to ``side`` px (a
-        multiple of 32); the best score of a box that holds the window's centre. One run for every
-        SECOND_LOOK_BATCH of them (a photo crafted to be full of doubtful faces costs time, not memory)."""
+        longer side, centred on it and cut from ``image`` (black beyond its edges, or with ``repeat_edges`` its
+        edge pixels repeated there: a face the photo's edge cuts then shows as much of itself as the network
+        needs), resized to ``side`` px (a multiple of 32); the best score of a box that holds the window's
+        centre. One run for every SECOND_LOOK_BATCH of them (a photo crafted to be full of doubtful faces costs
+        time, not memory)."""
         scores: list[float] = []
         for start in range(0, len(detections), SECOND_LOOK_BATCH):
-            scores += self._looked(image, detections[start:start + SECOND_LOOK_BATCH], window, side)
+            scores += self._looked(image, detections[start:start + SECOND_LOOK_BATCH], window, side, repeat_edges)
         return scores
 
-    def _looked(self, image: Image.Image, detections: list[Detection], window: float, side: int) -> list[float]:
+    def _looked(self, image: Image.Image, detections: list[Detection], window: float, side: int,
+                repeat_edges: bool) -> list[float]:
         """``second_look`` of a few detections, in one run."""
         batch = np.empty((len(detections), 3, side, side), np.float32)
         for i, d in enumerate(detections):
             x0, y0, x1, y1 = d.box
             half = max(x1 - x0, y1 - y0) * window / 2
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            crop = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
-            batch[i] = letterbox(crop.resize((side, side), Image.BILINEAR), side, reuse=True)[0][0]
+            box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+            view = _window(image, box, side) if repeat_edges else image.crop(box).resize((side, side), Image.BILINEAR)
+            batch[i] = letterbox(view, side, reuse=True)[0][0]
         raw_boxes, raw_scores = self.session().run(None, {"input": batch})
         centres = anchors(self.network, side, side)
         # a box holds the centre where its own centre is within half its width and height of it
@@ -232,6 +239,26 @@ class BlazeFace:
         holds = (dx < raw_boxes[:, :, 2] / 2) & (dy < raw_boxes[:, :, 3] / 2)
         best = np.where(holds, np.clip(raw_scores[:, :, 0], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT), -RAW_SCORE_LIMIT).max(axis=1)
         return [float(v) for v in 1 / (1 + np.exp(-best))]
+
+
+def _window(image: Image.Image, box: tuple[int, int, int, int], side: int) -> Image.Image:
+    """The square ``box`` of ``image`` resized to ``side`` px, the edge pixels repeated where it reaches beyond
+    the image: the part inside is resized to its share of ``side`` first, so a window much larger than the
+    image costs no more than ``side`` squared."""
+    x0, y0, x1, y1 = box
+    w, h = image.size
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return image.crop(box).resize((side, side), Image.BILINEAR)
+    kx, ky = side / max(1, x1 - x0), side / max(1, y1 - y0)  # window px per image px
+    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    left, top = round((ix0 - x0) * kx), round((iy0 - y0) * ky)
+    right, bottom = side - round((ix1 - x0) * kx), side - round((iy1 - y0) * ky)
+    if ix0 >= ix1 or iy0 >= iy1 or left + right >= side or top + bottom >= side:  # (almost) nothing inside
+        return image.crop(box).resize((side, side), Image.BILINEAR)
+    inside = image.crop((ix0, iy0, ix1, iy1)).resize((side - left - right, side - top - bottom), Image.BILINEAR,
+                                                      reducing_gap=3.0)
+    a = np.asarray(inside if inside.mode == "RGB" else inside.convert("RGB"))
+    return Image.fromarray(np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge"))
 
 
 _ARENA_LOCK = threading.Lock()

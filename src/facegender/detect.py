@@ -87,6 +87,20 @@ DOUBTFUL_SCORE = MIN_SCORE
 SECOND_LOOK_WINDOW = 2.2
 SECOND_LOOK_SIDE = 96
 SECOND_LOOK_MIN_SCORE = 0.7
+# A face that the photo's edge cuts (a person at the side of a group, a close-up whose chin is out of the frame)
+# the passes score lower: on 640x480 photos with a face of 120-200 px a third of it beyond an edge, they found
+# 20% of them (HOG: 59%), their best boxes there scoring 0.35-0.6, and a second look whose window repeats the edge
+# pixels beyond the photo scored most of those 0.7 and more. So in a photo of UPSAMPLE_BELOW px and more (a small
+# one that holds no face is retried padded, below), what a pass scores from EDGE_DOUBTFUL_SCORE to its threshold in
+# a box that reaches the photo's edge (within one px of the pass's input), apart from the faces it found, gets the
+# second look too. On photos without a face such boxes scored up to 0.66 (0.41 for nine in ten) and none of their
+# second looks reached SECOND_LOOK_MIN_SCORE (150 640x480 photos; benchmarks/detectors.py's "cut by the edge" sets
+# and a variant without it measure what it does). None: no such look. In those photos every second look's window
+# repeats the edge pixels beyond the photo (with black there, as before, the looks scored 13 of 80 such faces 0.7
+# or more, against 52). Not in smaller ones: there a doubted face can fill the photo and its window be mostly
+# repeated pixels, and of the 105 corpus images whose second looks reach beyond the edge, 7 changed their faces
+# (a face in a poster or at the edge lost, one close-up's face lost to a box on its eye).
+EDGE_DOUBTFUL_SCORE = 0.3
 # In a portrait they still found textures of a tenth of the face's size at up to 0.74 (the astronaut, mirrored):
 # beside a face more than twice its size, a face from a larger pass keeps this score or more.
 BESIDE_LARGER_MIN_SCORE = 0.8
@@ -318,8 +332,9 @@ class FaceDetector:
         and more) and, where the image holds faces smaller than that pass sees, at larger inputs up to the one that shows a
         ``smallest`` face at FACE_AT_INPUT px (``passes``; in an image under UPSAMPLE_BELOW px, only
         where the first pass found nothing or only a group's small faces: then at the photo's own size). Every
-        pass reads one resized copy. What a larger pass doubts
-        gets a second look at a window around it, cut from the full-size image. Where none finds a face in
+        pass reads one resized copy. What a larger pass doubts, and in an image of UPSAMPLE_BELOW px and more what
+        any pass doubts in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE), gets a second look at a
+        window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
         MediaPipe's 0.5. Where all of that finds none, the first pass looks at the photo turned 180 degrees
@@ -343,6 +358,11 @@ class FaceDetector:
             sure, doubted = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(base, DOUBTFUL_SCORE))
             # only beside a face it is sure of: a photo where it finds none takes the other networks' look below
             first = sure + (_second_looked(short, rgb, [doubted], NETWORKS["short"].min_score)[0] if sure else [])
+        elif self.min_score is None and EDGE_DOUBTFUL_SCORE is not None:
+            sure, doubted = short.detect_doubting(base, EDGE_DOUBTFUL_SCORE)
+            cut = [_scaled_detection(d, k) for d in _at_edge(doubted, base.size, NETWORKS["short"].side)]
+            first = [_scaled_detection(d, k) for d in sure]
+            first += _second_looked(short, rgb, [cut], NETWORKS["short"].min_score, repeat_edges=True)[0] if cut else []
         else:
             first = [_scaled_detection(d, k) for d in short.detect(base)]
         found = [[(d, "short") for d in first]]
@@ -353,9 +373,10 @@ class FaceDetector:
             sides = [sides[0], -(-longer // MULTIPLE) * MULTIPLE]  # the photo at its own size, rounded up
         if not (small and found[0]) or grouped:
             score = DOUBTFUL_SCORE if self.min_score is None else self.min_score
-            larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score)] for side in sides[1:]]
+            edge = EDGE_DOUBTFUL_SCORE if self.min_score is None and not small else None
+            larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score, edge)] for side in sides[1:]]
             if self.min_score is None:
-                larger = _second_looked(short, rgb, larger, LARGER_PASS_MIN_SCORE)
+                larger = _second_looked(short, rgb, larger, LARGER_PASS_MIN_SCORE, repeat_edges=not small)
                 largest = max((_side(d) for one in [[d for d, _ in found[0]], *larger] for d in one), default=0.0)
                 larger = [[d for d in one if d.score >= BESIDE_LARGER_MIN_SCORE or BESIDE_LARGER_RATIO * _side(d) >= largest]
                           for one in larger]
@@ -395,12 +416,17 @@ class FaceDetector:
         return [first, *inner, int(last)]
 
 
-def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float) -> list[Detection]:
+def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, edge_doubtful: float | None = None
+           ) -> list[Detection]:
     """``network.detect(image, side, min_score)``; where that input's longer side would exceed TILE_SIDE, the
     network runs on overlapping tiles of TILE_SIDE px of the resized image instead, so that a pass's memory
     stays that of one tile. A face up to TILE_OVERLAP - 2 TILE_EDGE px at the input lies whole in some tile,
     TILE_EDGE px or more inside its edges; a detection nearer a tile's edge inside the image is dropped (the
-    face is cut there, and a neighbour sees it whole). Best first."""
+    face is cut there, and a neighbour sees it whole). ``edge_doubtful``: with one pass (no tiles), also what
+    scores from that up to ``min_score`` in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE). Best first."""
+    if side <= TILE_SIDE and edge_doubtful is not None:
+        sure, doubted = network.detect_doubting(image, edge_doubtful, side, min_score)
+        return sorted(sure + _at_edge(doubted, image.size, side), key=lambda d: -d.score)
     if side <= TILE_SIDE:
         return network.detect(image, side, min_score=min_score)
     k = side / max(image.size)
@@ -429,12 +455,13 @@ def _tile_starts(n: int) -> list[int]:
     return [*range(0, n - TILE_SIDE, TILE_SIDE - TILE_OVERLAP), n - TILE_SIDE]
 
 
-def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]], sure: float
-                   ) -> list[list[Detection]]:
+def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detection]], sure: float,
+                   repeat_edges: bool = False) -> list[list[Detection]]:
     """The passes' detections with those scoring under ``sure`` kept only where a second look
-    (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score."""
+    (``BlazeFace.second_look``) scores SECOND_LOOK_MIN_SCORE or more, with its score. ``repeat_edges``: the
+    looks' windows repeat the photo's edge pixels beyond its edges (EDGE_DOUBTFUL_SCORE), rather than black."""
     doubtful = [d for one in passes for d in one if d.score < sure]
-    looks = iter(network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE))  # in doubtful's order
+    looks = iter(network.second_look(rgb, doubtful, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE, repeat_edges))  # in doubtful's order
     kept = []
     for one in passes:
         kept.append([])
@@ -445,6 +472,14 @@ def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detec
                     continue
             kept[-1].append(d)
     return kept
+
+
+def _at_edge(detections: list[Detection], size: tuple[int, int], side: int) -> list[Detection]:
+    """The detections whose box reaches the edge of an image of ``size`` px seen by a pass at ``side`` px:
+    within one px of that input."""
+    w, h = size
+    px = max(w, h) / side
+    return [d for d in detections if d.box[0] <= px or d.box[1] <= px or d.box[2] >= w - px or d.box[3] >= h - px]
 
 
 def _eyes_agree(rgb: Image.Image, pixels: Callable[[], np.ndarray], landmarks, dlib, d: Detection) -> bool:
