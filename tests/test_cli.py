@@ -80,6 +80,9 @@ def test_predict_reports_bad_files_and_keeps_going(synthetic_dataset, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "source,faces,face,box,label,confidence,p_male,error" and len(lines) == 5
     assert "notes.jpg" in lines[2] and lines[2].split(",")[4] == ""
+    for name, first in (("named.csv", lines[0]), ("named.jsonl", "{")):  # the format from the file's name
+        _cli("predict", run, good[0], bad, *good[1:], "--output", tmp_path / name, "--no-detect")
+        assert (tmp_path / name).read_text().startswith(first)
     folder = _cli("predict", "--model", run, synthetic_dataset / "test", "--no-detect")
     assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 32
     undetected = json.loads(_cli("predict", run, good[0]).stdout)  # drawn discs are no faces

@@ -158,6 +158,7 @@ def cmd_predict(args) -> int:
                                      detect=not args.no_detect, detector=args.detector,
                                      min_face=args.min_face, min_confidence=args.min_confidence)
     annotator = Annotator(Path(args.annotate)) if args.annotate else None
+    fmt = args.format or ("csv" if args.output and Path(args.output).suffix.lower() == ".csv" else "jsonl")
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     failures = 0
     try:
@@ -178,7 +179,7 @@ def cmd_predict(args) -> int:
                 say(f"facegender: warning: {pred.error}", file=sys.stderr)
             if annotator:
                 annotator.add(pred)
-            if args.format == "csv":
+            if fmt == "csv":
                 row["box"] = "" if pred.box is None else " ".join(f"{v:g}" for v in pred.box)
                 if writer is None:
                     writer = csv.DictWriter(out, fieldnames=list(row))
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optionally a checkpoint first (run dir, .safetensors or .onnx), then images or folders")
     p.add_argument("--model", help="checkpoint, instead of giving it first, or a bundled model: descriptor (the "
                                    "default: a head on dlib face descriptors) or resnet18 (the reference network)")
-    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--format", choices=["jsonl", "csv"],
+                   help="default: csv for an --output whose name ends in .csv, else jsonl")
     p.add_argument("--output", help="write to this file instead of standard output (with --ray: a folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
