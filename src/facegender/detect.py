@@ -359,10 +359,10 @@ class FaceDetector:
             # only beside a face it is sure of: a photo where it finds none takes the other networks' look below
             first = sure + (_second_looked(short, rgb, [doubted], NETWORKS["short"].min_score)[0] if sure else [])
         elif self.min_score is None and EDGE_DOUBTFUL_SCORE is not None:
-            sure, doubted = short.detect_doubting(base, EDGE_DOUBTFUL_SCORE)
-            cut = [_scaled_detection(d, k) for d in _at_edge(doubted, base.size, NETWORKS["short"].side)]
-            first = [_scaled_detection(d, k) for d in sure]
-            first += _second_looked(short, rgb, [cut], NETWORKS["short"].min_score, repeat_edges=True)[0] if cut else []
+            sure, cut = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(
+                base, EDGE_DOUBTFUL_SCORE, at_edge=True))
+            first = sure + (_second_looked(short, rgb, [cut], NETWORKS["short"].min_score, repeat_edges=True)[0]
+                            if cut else [])
         else:
             first = [_scaled_detection(d, k) for d in short.detect(base)]
         found = [[(d, "short") for d in first]]
@@ -425,8 +425,8 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, 
     face is cut there, and a neighbour sees it whole). ``edge_doubtful``: with one pass (no tiles), also what
     scores from that up to ``min_score`` in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE). Best first."""
     if side <= TILE_SIDE and edge_doubtful is not None:
-        sure, doubted = network.detect_doubting(image, edge_doubtful, side, min_score)
-        return sorted(sure + _at_edge(doubted, image.size, side), key=lambda d: -d.score)
+        sure, cut = network.detect_doubting(image, edge_doubtful, side, min_score, at_edge=True)
+        return sorted(sure + cut, key=lambda d: -d.score)
     if side <= TILE_SIDE:
         return network.detect(image, side, min_score=min_score)
     k = side / max(image.size)
@@ -472,14 +472,6 @@ def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detec
                     continue
             kept[-1].append(d)
     return kept
-
-
-def _at_edge(detections: list[Detection], size: tuple[int, int], side: int) -> list[Detection]:
-    """The detections whose box reaches the edge of an image of ``size`` px seen by a pass at ``side`` px:
-    within one px of that input."""
-    w, h = size
-    px = max(w, h) / side
-    return [d for d in detections if d.box[0] <= px or d.box[1] <= px or d.box[2] >= w - px or d.box[3] >= h - px]
 
 
 def _eyes_agree(rgb: Image.Image, pixels: Callable[[], np.ndarray], landmarks, dlib, d: Detection) -> bool:
