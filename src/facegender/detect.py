@@ -354,33 +354,40 @@ class FaceDetector:
             # a box filter: 0.6 ms less than the bilinear one on a 640x480 photo, and it found more small faces
             # (benchmarks/detectors.py --images 800: 32-47 px 82.5% against 81.8, composites 91.5 against 90.5)
             base = rgb.resize((max(1, round(rgb.width * k)), max(1, round(rgb.height * k))), Image.BOX)
+        cut: list[Detection] = []  # what the first pass doubts at the photo's edge (EDGE_DOUBTFUL_SCORE)
         if self.min_score is None and small:  # no larger pass follows: what the first doubts gets a second look
             sure, doubted = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(base, DOUBTFUL_SCORE))
             # only beside a face it is sure of: a photo where it finds none takes the other networks' look below
             first = sure + (_second_looked(short, rgb, [doubted], NETWORKS["short"].min_score)[0] if sure else [])
         elif self.min_score is None and EDGE_DOUBTFUL_SCORE is not None:
-            sure, cut = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(
+            first, cut = ([_scaled_detection(d, k) for d in one] for one in short.detect_doubting(
                 base, EDGE_DOUBTFUL_SCORE, at_edge=True))
-            first = sure + (_second_looked(short, rgb, [cut], NETWORKS["short"].min_score, repeat_edges=True)[0]
-                            if cut else [])
+            cut = _unseen(cut, first)
         else:
             first = [_scaled_detection(d, k) for d in short.detect(base)]
-        found = [[(d, "short") for d in first]]
         # As with HOG's doubled search, a small image that has a face is not searched again for smaller ones,
         # unless its faces are those of a group
         grouped = small and bool(first) and max(map(_side, first)) <= GROUP_FACE_SHARE * longer
         if grouped:
             sides = [sides[0], -(-longer // MULTIPLE) * MULTIPLE]  # the photo at its own size, rounded up
-        if not (small and found[0]) or grouped:
+        larger: list[list[Detection]] = []
+        if not (small and first) or grouped:
             score = DOUBTFUL_SCORE if self.min_score is None else self.min_score
             edge = EDGE_DOUBTFUL_SCORE if self.min_score is None and not small else None
             larger = [[_scaled_detection(d, k) for d in _tiled(short, base, side, score, edge)] for side in sides[1:]]
             if self.min_score is None:
-                larger = _second_looked(short, rgb, larger, LARGER_PASS_MIN_SCORE, repeat_edges=not small)
-                largest = max((_side(d) for one in [[d for d, _ in found[0]], *larger] for d in one), default=0.0)
-                larger = [[d for d in one if d.score >= BESIDE_LARGER_MIN_SCORE or BESIDE_LARGER_RATIO * _side(d) >= largest]
-                          for one in larger]
-            found += [[(d, "short") for d in one] for one in larger]
+                # a doubt on a face the first pass found needs no look: the first pass's face is the one kept; nor
+                # one of the first pass's at the edge on a face a larger pass is sure of (most of what it doubts there)
+                larger = [[d for d in one if d.score >= LARGER_PASS_MIN_SCORE or _unseen([d], first)] for one in larger]
+                cut = _unseen(cut, [d for one in larger for d in one if d.score >= LARGER_PASS_MIN_SCORE])
+                # every look in one run (the first pass's all score under LARGER_PASS_MIN_SCORE)
+                cut, *larger = _second_looked(short, rgb, [cut, *larger], LARGER_PASS_MIN_SCORE, repeat_edges=not small)
+        first = first + cut  # (cut only where the larger passes ran: a photo of UPSAMPLE_BELOW px and more)
+        if larger and self.min_score is None:
+            largest = max((_side(d) for one in [first, *larger] for d in one), default=0.0)
+            larger = [[d for d in one if d.score >= BESIDE_LARGER_MIN_SCORE or BESIDE_LARGER_RATIO * _side(d) >= largest]
+                      for one in larger]
+        found = [[(d, "short") for d in one] for one in [first, *larger]]
         if not any(found) and small:  # the full-range network sees some faces the short-range one misses
             side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / smallest) // MULTIPLE * MULTIPLE)
             found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
@@ -426,7 +433,7 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, 
     scores from that up to ``min_score`` in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE). Best first."""
     if side <= TILE_SIDE and edge_doubtful is not None:
         sure, cut = network.detect_doubting(image, edge_doubtful, side, min_score, at_edge=True)
-        return sorted(sure + cut, key=lambda d: -d.score)
+        return sorted(sure + _unseen(cut, sure), key=lambda d: -d.score)
     if side <= TILE_SIDE:
         return network.detect(image, side, min_score=min_score)
     k = side / max(image.size)
@@ -502,6 +509,11 @@ def _same_face(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
     return inter > NMS_IOU * (area_a + area_b - inter) or inter >= SAME_FACE_SHARE * min(area_a, area_b)
+
+
+def _unseen(doubts: list[Detection], faces: list[Detection]) -> list[Detection]:
+    """The doubts that frame none of ``faces`` again (``_same_face``: they would be dropped as such once framed)."""
+    return [d for d in doubts if not any(_same_face(d.box, f.box) for f in faces)]
 
 
 def _side(d) -> float:
