@@ -267,9 +267,9 @@ def test_faces_the_photos_edge_cuts_are_found_by_a_second_look_beyond_it(monkeyp
 def test_a_window_beyond_the_photos_edge_repeats_the_edge_pixels():
     photo = portraits(1)[0].resize((400, 400), Image.BICUBIC)
     side = detect.SECOND_LOOK_SIDE
-    inside = blazeface._window(photo, (50, 60, 250, 260), side)
+    inside = blazeface._window(photo, (50, 60, 250, 260), side, repeat_edges=True)
     assert np.array_equal(np.asarray(inside), np.asarray(photo.crop((50, 60, 250, 260)).resize((side, side), Image.BILINEAR)))
-    beyond = np.asarray(blazeface._window(photo, (-100, -50, 100, 150), side)).astype(int)
+    beyond = np.asarray(blazeface._window(photo, (-100, -50, 100, 150), side, repeat_edges=True)).astype(int)
     left, top = round(100 * side / 200), round(50 * side / 200)
     assert beyond.shape == (side, side, 3)
     assert (beyond[:, :left] == beyond[:, left:left + 1]).all() and (beyond[:top] == beyond[top:top + 1]).all()

@@ -235,8 +235,7 @@ class BlazeFace:
             half = max(x1 - x0, y1 - y0) * window / 2
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
-            view = _window(image, box, side) if repeat_edges else image.crop(box).resize((side, side), Image.BILINEAR)
-            batch[i] = letterbox(view, side, reuse=True)[0][0]
+            batch[i] = letterbox(_window(image, box, side, repeat_edges), side, reuse=True)[0][0]
         raw_boxes, raw_scores = self.session().run(None, {"input": batch})
         centres = anchors(self.network, side, side)
         # a box holds the centre where its own centre is within half its width and height of it
@@ -247,13 +246,13 @@ class BlazeFace:
         return [float(v) for v in 1 / (1 + np.exp(-best))]
 
 
-def _window(image: Image.Image, box: tuple[int, int, int, int], side: int) -> Image.Image:
-    """The square ``box`` of ``image`` resized to ``side`` px, the edge pixels repeated where it reaches beyond
-    the image: the part inside is resized to its share of ``side`` first, so a window much larger than the
-    image costs no more than ``side`` squared."""
+def _window(image: Image.Image, box: tuple[int, int, int, int], side: int, repeat_edges: bool) -> Image.Image:
+    """The square ``box`` of ``image`` resized to ``side`` px, black where it reaches beyond the image or, with
+    ``repeat_edges``, the edge pixels repeated there: the part inside is then resized to its share of ``side``
+    first, so a window much larger than the image costs no more than ``side`` squared."""
     x0, y0, x1, y1 = box
     w, h = image.size
-    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+    if not repeat_edges or (x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h):
         return image.crop(box).resize((side, side), Image.BILINEAR)
     kx, ky = side / max(1, x1 - x0), side / max(1, y1 - y0)  # window px per image px
     ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
