@@ -113,6 +113,9 @@ DETECTORS = {
     "blazeface fallbacks unchecked": patched("FALLBACK_EYES_WITHIN", None),
     # before a box that reaches the photo's edge got a second look from a lower score
     "blazeface no edge look": patched("EDGE_DOUBTFUL_SCORE", None),
+    # before what the full-range network finds in a small photo had to be confirmed by the short-range network's
+    # second look
+    "blazeface full-range unconfirmed": patched("FULL_CONFIRMED_SCORE", None),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }

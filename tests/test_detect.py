@@ -131,10 +131,11 @@ def shuffled_tiles(path: Path, rng: random.Random, size=(240, 160), tile: int = 
     return Image.fromarray(np.ascontiguousarray(np.concatenate(rows, axis=0)))
 
 
-def test_a_thumbnail_without_a_face_keeps_no_fallback_box_whose_eyes_dlib_places_elsewhere(detector, monkeypatch):
-    """In small face-less photos of shuffled face pieces the last looks (the padded retry's full-range network, the
-    turned look) see faces; dlib's landmarks put their eyes elsewhere (FALLBACK_EYES_WITHIN), and they are dropped.
-    The tight crops whose faces the retry's full-range network finds keep them."""
+def test_a_thumbnail_without_a_face_keeps_no_fallback_box_that_fails_its_checks(detector, monkeypatch):
+    """In small face-less photos of shuffled face pieces the last looks (the full-range network, the padded retry,
+    the turned look) see faces. Two checks drop them, each on its own: dlib's landmarks put their eyes elsewhere
+    (FALLBACK_EYES_WITHIN), and the short-range network, looking closer, does not confirm the full-range network's
+    boxes (FULL_CONFIRMED_SCORE). The tight crops whose faces those looks find keep them, boxes unchanged."""
     from facegender import detect
 
     celeba = SHARED / "celeba" / "img"
@@ -143,17 +144,26 @@ def test_a_thumbnail_without_a_face_keeps_no_fallback_box_whose_eyes_dlib_places
     rng = random.Random(5)
     empty = [shuffled_tiles(p, rng) for p in rng.sample(sorted(celeba.glob("1*.jpg")), 40)]
     crops = [Image.open(p).convert("RGB") for p in utkface_paths()[::40]]
-    within = detect.FALLBACK_EYES_WITHIN
-    monkeypatch.setattr(detect, "FALLBACK_EYES_WITHIN", None)
-    unchecked = [len(detector.detect(image)) for image in empty]
-    found = [[f.box for f in detector.detect(image)] for image in crops]
-    monkeypatch.setattr(detect, "FALLBACK_EYES_WITHIN", within)
-    assert sum(unchecked) >= 8  # the last looks took shuffled pieces for faces (20 here)
-    assert sum(len(detector.detect(image)) for image in empty) <= sum(unchecked) // 4  # 2 here
+    within, confirmed = detect.FALLBACK_EYES_WITHIN, detect.FULL_CONFIRMED_SCORE
+
+    def boxes(images, eyes, look):
+        monkeypatch.setattr(detect, "FALLBACK_EYES_WITHIN", eyes)
+        monkeypatch.setattr(detect, "FULL_CONFIRMED_SCORE", look)
+        return [[f.box for f in detector.detect(image)] for image in images]
+
+    unchecked = sum(map(len, boxes(empty, None, None)))
+    assert unchecked >= 8  # the last looks took shuffled pieces for faces (20 here)
+    assert sum(map(len, boxes(empty, within, None))) <= unchecked // 4  # 2 here
+    assert sum(map(len, boxes(empty, None, confirmed))) <= unchecked // 4  # 1 here
+    found = boxes(crops, None, None)
     checks, agree = [], detect._eyes_agree
     monkeypatch.setattr(detect, "_eyes_agree", lambda *args: checks.append(agree(*args)) or checks[-1])
-    assert [[f.box for f in detector.detect(image)] for image in crops] == found
+    looks, confirm = [], detect._confirmed
+    monkeypatch.setattr(detect, "_confirmed", lambda short, rgb, ds: looks.append((ds, confirm(short, rgb, ds))) or looks[-1][1])
+    assert boxes(crops, within, confirmed) == found
     assert len(checks) >= 2 and all(checks)  # crops whose faces the retry's full-range network found (4 here)
+    # and whose faces the full-range network found: every box confirmed (54 here)
+    assert sum(bool(ds) for ds, _ in looks) >= 10 and all(kept == ds for ds, kept in looks)
 
 
 def test_a_face_framed_twice_keeps_its_likelier_frame():

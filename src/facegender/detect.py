@@ -134,8 +134,19 @@ LOOK_TURNED = True
 # the upside-down set within 0.22. Not checked: the short-range network's boxes in the retry, which agree less on
 # tight crops (0.40 at the 95th percentile; checking them lost the faces of 26 of the 327 corpus images whose faces
 # the retry finds), and the full-range network's first look at a small photo (checking it took the held-out
-# thumbnails to 0.062 but lost 2 of 312 faces in 240x160 group photos, whose small faces agree less).
+# thumbnails to 0.062 but lost 2 of 312 faces in 240x160 group photos, whose small faces agree less); that look's
+# boxes have a check of their own (FULL_CONFIRMED_SCORE).
 FALLBACK_EYES_WITHIN = 0.3
+# What the full-range network finds in a small photo (its first look and the padded retry) stays only where the
+# short-range network, given a second look at a window around it (SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE, black beyond
+# the photo), scores it this much or more: MediaPipe's own threshold, not one fitted here (None: no such look). In
+# the benchmark's face-less 240x160 thumbnails (benchmarks/detectors.py --images 800) the full-range network's 28
+# boxes were eyes and mouths of 13-46 px that it scored 0.50-0.74; seen closer they scored 0.03-0.52, 27 of them
+# under 0.36. Its 140 faces in the corpora's crops and the group thumbnails there scored 0.61 and more, and 11 of the
+# 12 it found in the padded retry (a profile-leaning face 0.21). False boxes 0.080 -> 0.030 a thumbnail; on the
+# 46,500 corpus images 7 changed: 2 lost a box on a hat or hair, 1 a box on a mouth for the face, 3 moved by
+# 1-3 px, 1 (a blurred UTKFace close-up) lost its face.
+FULL_CONFIRMED_SCORE = MIN_SCORE
 # The passes' detections are merged by their own boxes (``blazeface.merge``), yet two of them can still be one face:
 # each pass boxes it its own way (in a tilted photo the 128 px pass boxed a small face with the white portrait
 # around it, IoU 0.25 with the larger pass's box), and the landmarks placed in each box then frame it twice,
@@ -338,8 +349,9 @@ class FaceDetector:
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
         MediaPipe's 0.5. Where all of that finds none, the first pass looks at the photo turned 180 degrees
-        (LOOK_TURNED). What the full-range network finds in the padded copy and what the turned look finds stay
-        only where their eyes are where dlib's landmarks put them (``eyes_agree``: FALLBACK_EYES_WITHIN)."""
+        (LOOK_TURNED). What the full-range network finds stays only where the short-range network's second look
+        confirms it (FULL_CONFIRMED_SCORE); what it finds in the padded copy and what the turned look finds, only
+        where their eyes are where dlib's landmarks put them (``eyes_agree``: FALLBACK_EYES_WITHIN)."""
         short = self._networks["short"]
         checked = lambda d: FALLBACK_EYES_WITHIN is None or eyes_agree(d)  # for the last two looks
         longer = max(rgb.size)
@@ -390,13 +402,14 @@ class FaceDetector:
         found = [[(d, "short") for d in one] for one in [first, *larger]]
         if not any(found) and small:  # the full-range network sees some faces the short-range one misses
             side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / smallest) // MULTIPLE * MULTIPLE)
-            found = [[(d, "full") for d in self._networks["full"].detect(rgb, side)]]
+            found = [[(d, "full") for d in _confirmed(short, rgb, self._networks["full"].detect(rgb, side))]]
         if not any(found) and small:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
             padded = Image.fromarray(np.pad(pixels(), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
             score = MIN_SCORE if self.min_score is None else self.min_score
-            found = [sorted(((_shifted(d, pad), network) for network in ("short", "full")
-                             for d in self._networks[network].detect(padded, min_score=score)), key=lambda x: -x[0].score)]
+            full = _confirmed(short, rgb, [_shifted(d, pad) for d in self._networks["full"].detect(padded, min_score=score)])
+            found = [sorted([(_shifted(d, pad), "short") for d in short.detect(padded, min_score=score)]
+                            + [(d, "full") for d in full], key=lambda x: -x[0].score)]
             found = [[(d, network) for d, network in found[0] if network == "short" or checked(d)]]
         if not any(found) and LOOK_TURNED:
             # the first pass's input turned, not the photo: a copy of 128 px, where the photo is hundreds
@@ -479,6 +492,15 @@ def _second_looked(network: BlazeFace, rgb: Image.Image, passes: list[list[Detec
                     continue
             kept[-1].append(d)
     return kept
+
+
+def _confirmed(short: BlazeFace, rgb: Image.Image, detections: list[Detection]) -> list[Detection]:
+    """The full-range network's ``detections`` that the short-range network's second look at them (a window cut
+    from ``rgb``, black beyond its edges) scores FULL_CONFIRMED_SCORE or more, with their own scores; one run."""
+    if FULL_CONFIRMED_SCORE is None or not detections:
+        return detections
+    looks = short.second_look(rgb, detections, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE)
+    return [d for d, score in zip(detections, looks) if score >= FULL_CONFIRMED_SCORE]
 
 
 def _eyes_agree(rgb: Image.Image, pixels: Callable[[], np.ndarray], landmarks, dlib, d: Detection) -> bool:
