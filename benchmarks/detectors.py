@@ -116,6 +116,8 @@ DETECTORS = {
     # before what the full-range network finds in a small photo had to be confirmed by the short-range network's
     # second look
     "blazeface full-range unconfirmed": patched("FULL_CONFIRMED_SCORE", None),
+    # before the turned look ran where only the padded retry had found faces
+    "blazeface turned look after nothing only": patched("TURNED_OVER_RETRY", False),
     "net short 128": network("short"),
     "net full 192": network("full"),
 }

@@ -123,6 +123,16 @@ BLAZEFACE_RETRY_PAD = 0.5
 # photo stored upside down without an EXIF tag that says so (BlazeFace finds most faces tilted up to 90 degrees
 # either way, few upside down): one 128 px pass more, on photos without a face only.
 LOOK_TURNED = True
+# It looks where the padded retry (below) found faces too, and its faces replace the retry's where it scores higher:
+# the retry's networks, like the first pass, take an upside-down face for an upright one framed over its forehead.
+# In the upside-down set of benchmarks/detectors.py --images 800 the retry found faces in 303 photos, 59 of them
+# framed so (a false box, the face missed); the turned look, its eyes checked, found a face in 295 of them, scoring
+# higher than the retry's in all 295, and its faces were right where the retry's were not in 57, wrong in none.
+# On the 46,500 corpus images (upright) the retry finds the faces of 327; the turned look found one in 4 of them,
+# none scoring higher, and no box changed. Not after the full-range network's first look: where it ran too, 3 upright
+# UTKFace crops were read upside down, framed over the forehead or without the chin. False: it looks only where
+# nothing else was found, as before.
+TURNED_OVER_RETRY = True
 # What the last two looks at a photo in which nothing else was found find (the padded retry's full-range network,
 # the turned look) stays only where dlib's landmarks, placed in its box, put the eyes within this many eye distances
 # of the network's own (None: kept whatever they say). Chosen on 100 face-less 240x160 photos of shuffled 16 px
@@ -348,8 +358,9 @@ class FaceDetector:
         window around it, cut from the full-size image. Where none finds a face in
         a small image, the full-range network looks at it, then both networks at a copy padded by
         BLAZEFACE_RETRY_PAD on every side (tight crops leave them no margin), taking what scores
-        MediaPipe's 0.5. Where all of that finds none, the first pass looks at the photo turned 180 degrees
-        (LOOK_TURNED). What the full-range network finds stays only where the short-range network's second look
+        MediaPipe's 0.5. Where all of that finds none, or only that retry finds faces, the first pass looks at the
+        photo turned 180 degrees (LOOK_TURNED), and what it finds replaces the retry's faces where it scores higher
+        (TURNED_OVER_RETRY). What the full-range network finds stays only where the short-range network's second look
         confirms it (FULL_CONFIRMED_SCORE); what it finds in the padded copy and what the turned look finds, only
         where their eyes are where dlib's landmarks put them (``eyes_agree``: FALLBACK_EYES_WITHIN)."""
         short = self._networks["short"]
@@ -403,7 +414,8 @@ class FaceDetector:
         if not any(found) and small:  # the full-range network sees some faces the short-range one misses
             side = max(MULTIPLE, min(longer, longer * FULL_FACE_AT_INPUT / smallest) // MULTIPLE * MULTIPLE)
             found = [[(d, "full") for d in _confirmed(short, rgb, self._networks["full"].detect(rgb, side))]]
-        if not any(found) and small:  # a tight crop; a big photo has margins
+        retried = not any(found) and small
+        if retried:  # a tight crop; a big photo has margins
             pad = round(longer * BLAZEFACE_RETRY_PAD)
             padded = Image.fromarray(np.pad(pixels(), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
             score = MIN_SCORE if self.min_score is None else self.min_score
@@ -411,13 +423,15 @@ class FaceDetector:
             found = [sorted([(_shifted(d, pad), "short") for d in short.detect(padded, min_score=score)]
                             + [(d, "full") for d in full], key=lambda x: -x[0].score)]
             found = [[(d, network) for d, network in found[0] if network == "short" or checked(d)]]
-        if not any(found) and LOOK_TURNED:
+        if LOOK_TURNED and (not any(found) or (retried and TURNED_OVER_RETRY)):
             # the first pass's input turned, not the photo: a copy of 128 px, where the photo is hundreds
             tensor, k_in = letterbox(base, NETWORKS["short"].side)
             height, width = tensor.shape[2:]  # its black margin, right and bottom, comes to the top and left
-            turned = (_scaled_detection(_turned_back(d, width / k_in, height / k_in), k)
-                      for d in short.detect_input(np.ascontiguousarray(tensor[:, :, ::-1, ::-1]), k_in))
-            found = [[(d, "short") for d in turned if checked(d)]]
+            turned = [d for d in (_scaled_detection(_turned_back(d, width / k_in, height / k_in), k)
+                                  for d in short.detect_input(np.ascontiguousarray(tensor[:, :, ::-1, ::-1]), k_in))
+                      if checked(d)]
+            if max((d.score for d in turned), default=0.0) > max((d.score for one in found for d, _ in one), default=0.0):
+                found = [[(d, "short") for d in turned]]
         as_hog = [[_hog_like(d, network) for d, network in one] for one in found]  # pass by pass, 128 px first
         return merge(as_hog)
 
