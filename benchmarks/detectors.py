@@ -18,8 +18,8 @@ knows where its faces are:
 - upside down: the rotated sets' upright faces and the composites, turned 180 degrees;
 - no face: the backgrounds alone, 640x480 and 240x160 (what a detector finds there is all false boxes);
 - cut by the edge: one UTKFace chip of 100-400 px on a 640x480 background with 20% or 35% of its side beyond
-  one of the photo's edges (a person at the side of a group photo, a close-up's chin out of the frame); a box
-  centred in the part inside the photo finds it.
+  one of the photo's edges (a person at the side of a group photo, a close-up's chin out of the frame), and
+  one of 80-240 px on a 320x240 one (an avatar, a thumbnail); a box centred in the part inside the photo finds it.
 
 A detected box finds a face when its centre lies inside the face's square; each face is found at most once,
 and every box that finds none is a false box. Times are detection alone (decoded images in memory) on one
@@ -187,12 +187,13 @@ def pasted(faces: list[Path], backgrounds: list[Path], count: int, sizes: tuple[
     return cases
 
 
-def cut_by_edge(faces: list[Path], backgrounds: list[Path], count: int, share: float, rng: random.Random) -> list[Case]:
-    """One face of 100-400 px on a shuffled 640x480 background, ``share`` of its side beyond a random edge."""
+def cut_by_edge(faces: list[Path], backgrounds: list[Path], count: int, share: float, rng: random.Random,
+                size=(640, 480), tile: int = 40, sides: tuple[int, int] = (100, 400)) -> list[Case]:
+    """One face of ``sides`` px on a shuffled background of ``size``, ``share`` of its side beyond a random edge."""
     cases = []
     for _ in range(count):
-        canvas = background(rng.choice(backgrounds), rng)
-        side = rng.randint(100, 400)
+        canvas = background(rng.choice(backgrounds), rng, size, tile)
+        side = rng.randint(*sides)
         out = round(share * side)
         x, y = rng.randint(0, canvas.width - side), rng.randint(0, canvas.height - side)
         x, y = {"left": (-out, y), "right": (canvas.width - side + out, y), "top": (x, -out),
@@ -260,6 +261,11 @@ def build_sets(n: int) -> dict[str, list[Case]]:
     cut = random.Random(8)
     for share in (0.2, 0.35):
         sets[f"cut {share:.0%} by the edge"] = cut_by_edge(chips, backgrounds, max(1, n // 2), share, cut)
+    # and in small photos, where no larger pass runs (from a generator of their own as well)
+    small_cut = random.Random(9)
+    for share in (0.2, 0.35):
+        sets[f"cut {share:.0%} by the edge, 320x240"] = cut_by_edge(chips, backgrounds, max(1, n // 2), share, small_cut,
+                                                                  (320, 240), 16, (80, 240))
     return sets
 
 

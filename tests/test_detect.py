@@ -167,6 +167,30 @@ def test_a_thumbnail_without_a_face_keeps_no_fallback_box_that_fails_its_checks(
     assert sum(bool(ds) for ds, _ in looks) >= 10 and all(kept == ds for ds, kept in looks)
 
 
+def test_a_full_range_box_at_a_small_photos_edge_is_confirmed_by_the_better_of_two_looks(monkeypatch):
+    """The short-range network's look that confirms a full-range box sees black beyond the photo's edge, which
+    leaves a face the edge cuts too little of itself; at the edge a second window repeats the edge pixels, and the
+    better of the two looks counts."""
+    from facegender import detect
+    from facegender.blazeface import BlazeFace, Detection
+
+    short, photos = BlazeFace("short"), []
+    for i, path in enumerate(utkface_paths()[::1300][:16]):  # 45% of each face beyond one of the four edges
+        side = 120 + 6 * i
+        out = round(0.45 * side)
+        x, y = ((-out, 20 + 2 * i), (320 - side + out, 20 + 2 * i), (60 + 5 * i, -out), (60 + 5 * i, 240 - side + out))[i % 4]
+        canvas = Image.new("RGB", (320, 240), (110, 120, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
+        m = 0.1 * side  # the face's box as a network draws it, reaching beyond the edge
+        photos.append((canvas, Detection((x + m, y + m, x + side - m, y + side - m), 0.6, np.zeros((6, 2), np.float32))))
+    confirmed = sum(len(detect._confirmed(short, canvas, [d])) for canvas, d in photos)
+    look = BlazeFace.second_look
+    monkeypatch.setattr(BlazeFace, "second_look", lambda self, image, ds, window, side, repeat_edges=False:
+                        look(self, image, ds, window, side, False))
+    black = sum(len(detect._confirmed(short, canvas, [d])) for canvas, d in photos)
+    assert confirmed >= black + 3 and confirmed >= 10  # 12 against 8 here
+
+
 def test_a_face_framed_twice_keeps_its_likelier_frame():
     face = lambda box, score: Face(box, score)
     tight, loose = face((100, 100, 200, 200), 0.9), face((70, 60, 250, 240), 0.7)  # loose holds all of tight
