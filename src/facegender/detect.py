@@ -99,7 +99,8 @@ SECOND_LOOK_MIN_SCORE = 0.7
 # repeats the edge pixels beyond the photo (with black there, as before, the looks scored 13 of 80 such faces 0.7
 # or more, against 52). Not in smaller ones: there a doubted face can fill the photo and its window be mostly
 # repeated pixels, and of the 105 corpus images whose second looks reach beyond the edge, 7 changed their faces
-# (a face in a poster or at the edge lost, one close-up's face lost to a box on its eye).
+# (a face in a poster or at the edge lost, one close-up's face lost to a box on its eye). A tiled pass (``_tiled``)
+# gives the look to its tiles' boxes at the edges that are the photo's.
 EDGE_DOUBTFUL_SCORE = 0.3
 # In a portrait they still found textures of a tenth of the face's size at up to 0.74 (the astronaut, mirrored):
 # beside a face more than twice its size, a face from a larger pass keeps this score or more.
@@ -458,8 +459,9 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, 
     network runs on overlapping tiles of TILE_SIDE px of the resized image instead, so that a pass's memory
     stays that of one tile. A face up to TILE_OVERLAP - 2 TILE_EDGE px at the input lies whole in some tile,
     TILE_EDGE px or more inside its edges; a detection nearer a tile's edge inside the image is dropped (the
-    face is cut there, and a neighbour sees it whole). ``edge_doubtful``: with one pass (no tiles), also what
-    scores from that up to ``min_score`` in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE). Best first."""
+    face is cut there, and a neighbour sees it whole). ``edge_doubtful``: also what scores from that up to
+    ``min_score`` in a box that reaches the image's edge (EDGE_DOUBTFUL_SCORE; in a tile, an edge of the tile that
+    is the image's). Best first."""
     if side <= TILE_SIDE and edge_doubtful is not None:
         sure, cut = network.detect_doubting(image, edge_doubtful, side, min_score, at_edge=True)
         return sorted(sure + _unseen(cut, sure), key=lambda d: -d.score)
@@ -474,7 +476,12 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, 
             tile = copy.crop((left, top, min(copy.width, left + TILE_SIDE), min(copy.height, top + TILE_SIDE)))
             inner = (left > 0, top > 0, left + tile.width < copy.width, top + tile.height < copy.height)
             shift = np.array([left, top], np.float32)
-            for d in network.detect(tile, max(tile.size), min_score=min_score):
+            if edge_doubtful is None:
+                ds = network.detect(tile, max(tile.size), min_score=min_score)
+            else:  # the doubts at the tile's edges that are the image's (at the others the face is cut by the tile)
+                ds, cut = network.detect_doubting(tile, edge_doubtful, max(tile.size), min_score, at_edge=True)
+                ds += _unseen([d for d in cut if any(a and not b for a, b in zip(_edges_reached(d, tile.size), inner))], ds)
+            for d in ds:
                 x0, y0, x1, y1 = d.box
                 near = (x0 < TILE_EDGE, y0 < TILE_EDGE, x1 > tile.width - TILE_EDGE, y1 > tile.height - TILE_EDGE)
                 if any(a and b for a, b in zip(inner, near)):
@@ -482,6 +489,12 @@ def _tiled(network: BlazeFace, image: Image.Image, side: int, min_score: float, 
                 found.append(Detection(((x0 + left) / k, (y0 + top) / k, (x1 + left) / k, (y1 + top) / k), d.score,
                                        (d.keypoints + shift) / k))
     return sorted(found, key=lambda d: -d.score)
+
+
+def _edges_reached(d, size: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+    """Which edges of an image of ``size`` a detection's box reaches, within one px: left, top, right, bottom."""
+    (w, h), (x0, y0, x1, y1) = size, d.box
+    return x0 <= 1, y0 <= 1, x1 >= w - 1, y1 >= h - 1
 
 
 def _tile_starts(n: int) -> list[int]:
@@ -517,9 +530,8 @@ def _confirmed(short: BlazeFace, rgb: Image.Image, detections: list[Detection]) 
     pixels beyond it (a face the edge cuts); one run for each kind of window."""
     if FULL_CONFIRMED_SCORE is None or not detections:
         return detections
-    w, h = rgb.size
     looks = short.second_look(rgb, detections, SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE)
-    at_edge = [i for i, d in enumerate(detections) if min(d.box[:2]) <= 1 or d.box[2] >= w - 1 or d.box[3] >= h - 1]
+    at_edge = [i for i, d in enumerate(detections) if any(_edges_reached(d, rgb.size))]
     if at_edge:
         beyond = short.second_look(rgb, [detections[i] for i in at_edge], SECOND_LOOK_WINDOW, SECOND_LOOK_SIDE,
                                    repeat_edges=True)
