@@ -26,6 +26,26 @@ def shared(name: str) -> Path:
     return folder
 
 
+def faces_cut_by_the_edge(share: float, size: tuple[int, int] = (640, 480), smallest: int = 140, step: int = 16,
+                          along: tuple[int, int, int, int] = (100, 7, 40, 3)):
+    """16 photos of ``size``, each with a UTKFace chip (of ``smallest`` px, ``step`` px more in each photo) ``share``
+    of whose side lies beyond one of the photo's edges (four of each edge; along that edge at x = a + b i or
+    y = c + d i, ``along`` = (a, b, c, d)), on a grey-green ground: (photo, the chip's part inside it, the whole
+    chip's box), boxes x0, y0, x1, y1."""
+    chips = sorted(shared("utkface").glob("*.jpg"))[::1300][:16]
+    (width, height), (a, b, c, d), photos = size, along, []
+    for i, path in enumerate(chips):
+        side = smallest + step * i
+        out = round(share * side)
+        x, y = a + b * i, c + d * i
+        x, y = ((-out, y), (width - side + out, y), (x, -out), (x, height - side + out))[i % 4]
+        canvas = Image.new("RGB", size, (110, 120, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
+        photos.append((canvas, (max(0, x), max(0, y), min(width, x + side), min(height, y + side)),
+                       (x, y, x + side, y + side)))
+    return photos
+
+
 def synthetic_face(label: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """A learnable stand-in: a bright disc on the left for one class, on the right for the other, plus noise."""
     image = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import serve_process, shared
+from conftest import faces_cut_by_the_edge, serve_process, shared
 from PIL import Image
 
 from facegender import blazeface, detect, graph_edit
@@ -226,24 +226,6 @@ def test_a_second_look_scores_each_window_alone_however_many_share_a_run(detecto
     assert min(together[::2]) >= detect.SECOND_LOOK_MIN_SCORE > max(together[1::2])  # the faces, then beside them
 
 
-def faces_cut_by_the_edge(share: float, size: tuple[int, int] = (640, 480), smallest: int = 140,
-                          step: int = 16) -> list[tuple[Image.Image, tuple[int, int, int, int]]]:
-    """16 photos of ``size``, each with a UTKFace chip (of ``smallest`` px, ``step`` px more in each photo) ``share``
-    of whose side lies beyond one of the photo's edges (four of each edge), on a grey-green ground; with the part of
-    it inside the photo."""
-    chips = sorted(shared("utkface").glob("*.jpg"))[::1300][:16]
-    (width, height), photos = size, []
-    for i, path in enumerate(chips):
-        side = smallest + step * i
-        out = round(share * side)
-        x, y = 100 + 7 * i, 40 + 3 * i
-        x, y = ((-out, y), (width - side + out, y), (x, -out), (x, height - side + out))[i % 4]
-        canvas = Image.new("RGB", size, (110, 120, 100))
-        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
-        photos.append((canvas, (max(0, x), max(0, y), min(width, x + side), min(height, y + side))))
-    return photos
-
-
 @pytest.mark.parametrize("tiled", [False, True], ids=["one pass", "tiled pass"])
 def test_faces_the_photos_edge_cuts_are_found_by_a_second_look_beyond_it(monkeypatch, tiled):
     """A third of a face beyond the photo's edge: the passes score it under their thresholds; a box that reaches
@@ -257,7 +239,7 @@ def test_faces_the_photos_edge_cuts_are_found_by_a_second_look_beyond_it(monkeyp
 
     def found() -> tuple[int, int]:
         hits = false = 0
-        for photo, (x0, y0, x1, y1) in photos:
+        for photo, (x0, y0, x1, y1), _ in photos:
             centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in detector.detect(photo)]
             inside = sum(x0 < cx < x1 and y0 < cy < y1 for cx, cy in centres)
             hits, false = hits + min(1, inside), false + len(centres) - min(1, inside)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import faces_cut_by_the_edge
 from facegender.detect import EYE_LINE, Face, FaceDetector, _distinct, canonical_box, detect_faces
 from facegender.io import UserError
 
@@ -175,14 +176,9 @@ def test_a_full_range_box_at_a_small_photos_edge_is_confirmed_by_the_better_of_t
     from facegender.blazeface import BlazeFace, Detection
 
     short, photos = BlazeFace("short"), []
-    for i, path in enumerate(utkface_paths()[::1300][:16]):  # 45% of each face beyond one of the four edges
-        side = 120 + 6 * i
-        out = round(0.45 * side)
-        x, y = ((-out, 20 + 2 * i), (320 - side + out, 20 + 2 * i), (60 + 5 * i, -out), (60 + 5 * i, 240 - side + out))[i % 4]
-        canvas = Image.new("RGB", (320, 240), (110, 120, 100))
-        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC), (x, y))
-        m = 0.1 * side  # the face's box as a network draws it, reaching beyond the edge
-        photos.append((canvas, Detection((x + m, y + m, x + side - m, y + side - m), 0.6, np.zeros((6, 2), np.float32))))
+    for canvas, _, (x0, y0, x1, y1) in faces_cut_by_the_edge(0.45, (320, 240), 120, 6, along=(60, 5, 20, 2)):
+        m = 0.1 * (x1 - x0)  # the face's box as a network draws it, reaching beyond the edge
+        photos.append((canvas, Detection((x0 + m, y0 + m, x1 - m, y1 - m), 0.6, np.zeros((6, 2), np.float32))))
     confirmed = sum(len(detect._confirmed(short, canvas, [d])) for canvas, d in photos)
     look = BlazeFace.second_look
     monkeypatch.setattr(BlazeFace, "second_look", lambda self, image, ds, window, side, repeat_edges=False:
